@@ -1,0 +1,33 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+# torch is pinned to the CPU wheel (2.13.0) on machines without CUDA, where an
+# unpinned torch would pull a multi-GB CUDA build; with nvidia-smi present the
+# normal pip resolution (a CUDA build) is used.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+	else $(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu; fi
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/evomerge demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check evomerge tests bench
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/merge_speed.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,85 @@
+"""The ``evomerge`` command line. Each subcommand parses, then makes one library call."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from evomerge.operators.engine import resolve_model_path, run_merge
+    from evomerge.operators.recipe import Recipe
+    from evomerge.progress import bar
+
+    recipe = Recipe.from_yaml(args.recipe)
+    recipe_dir = Path(args.recipe).resolve().parent
+    with bar("merging", args.quiet) as tick:
+        result = run_merge(
+            recipe,
+            args.out_dir,
+            device=args.device,
+            seed=args.seed,
+            allow_pickle=args.allow_pickle,
+            overwrite=args.force,
+            max_shard_bytes=int(args.max_shard_size * 1024**3),
+            resolver=lambda name: resolve_model_path(name, recipe_dir),
+            progress=tick,
+        )
+    gb = result.bytes / 1024**3
+    print(f"merged {result.tensors} tensors ({gb:.2f} GiB) with {recipe.merge_method} in {result.seconds:.1f} s "
+          f"-> {result.out_dir}")
+    return 0
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge models from a mergekit-style recipe YAML")
+    p.add_argument("recipe", help="recipe YAML (mergekit format)")
+    p.add_argument("out_dir", help="output model directory (must not exist unless --force)")
+    p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed for random sparsifiers (DARE, DELLA)")
+    p.add_argument("--allow-pickle", action="store_true", help="load .bin pickle weights (weights_only=True)")
+    p.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    p.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per output shard (default 5)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_merge)
+
+
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_merge]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary merge search for language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in REGISTRARS:
+        register(sub)
+    return parser
+
+
+def _version() -> str:
+    from evomerge import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: user mistakes print one line and exit 2; no traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EvomergeError as err:
+        print(f"evomerge {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"evomerge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The streaming merge engine: recipe in, Hugging Face model directory out.
+
+Tensors are read one output at a time (the next one prefetched on a thread
+while the current one is merged), merged in float32 on the chosen device,
+cast to the output dtype and appended to a streaming shard writer. Peak
+memory is a few tensors per input, whatever the size of the models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from evomerge.errors import EvomergeError, MergeError
+from evomerge.operators.checkpoint import Checkpoint, open_checkpoint
+from evomerge.operators.outputs import write_model_files
+from evomerge.operators.plan import MergePlan, PlannedTensor, build_plan
+from evomerge.operators.recipe import Recipe
+from evomerge.operators.writer import ShardWriter, atomic_directory
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+ModelResolver = Callable[[str], Path]
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    tensors: int
+    bytes: int
+    seconds: float
+    files: list[str]
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed from the merge seed and the tensor name (order- and device-independent)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _fit_rows(t: Tensor, rows: int, donor: Tensor) -> Tensor:
+    """Cut or pad a vocabulary tensor to ``rows`` rows; padding rows come from ``donor``."""
+    if t.shape[0] >= rows:
+        return t[:rows]
+    return torch.cat([t, donor[t.shape[0] : rows].to(t.dtype)])
+
+
+def _load(pt: PlannedTensor, ckpts: dict[str, Checkpoint], device: torch.device) -> tuple[list[Tensor], Tensor | None]:
+    def one(ref) -> Tensor:
+        t = ckpts[ref.model].get(ref.tensor).to(device=device, dtype=torch.float32, non_blocking=True)
+        if not bool(torch.isfinite(t).all()):
+            raise MergeError(f"tensor '{ref.tensor}' of model '{ref.model}' contains NaN or Inf")
+        return t
+
+    tensors = [one(r) for r in pt.sources]
+    base = one(pt.base) if pt.base else None
+    if pt.vocab_rows is not None:
+        donor = next(t for t in [*tensors, base] if t is not None and t.shape[0] >= pt.vocab_rows)
+        tensors = [_fit_rows(t, pt.vocab_rows, donor) for t in tensors]
+        base = _fit_rows(base, pt.vocab_rows, donor) if base is not None else None
+    return tensors, base
+
+
+def merge_planned(pt: PlannedTensor, plan: MergePlan, inputs, device: torch.device, seed: int) -> Tensor:
+    """Merge one planned tensor from its loaded inputs; the result is checked finite."""
+    tensors, base = inputs
+    gen = None
+    if plan.operator.random:
+        gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, pt.name))
+    try:
+        out = plan.operator.fn(tensors, base, gen, **pt.params)
+    except MergeError as err:
+        raise MergeError(f"tensor '{pt.name}': {err}") from None
+    if not bool(torch.isfinite(out).all()):
+        raise MergeError(f"tensor '{pt.name}': the merge produced NaN or Inf")
+    return out.to(pt.dtype)
+
+
+def resolve_model_path(name: str, recipe_dir: Path | None = None) -> Path:
+    """A recipe's model reference as a local directory (as given, else relative to the recipe)."""
+    p = Path(name).expanduser()
+    if not p.exists() and recipe_dir is not None and not p.is_absolute() and (recipe_dir / p).exists():
+        return recipe_dir / p
+    return p
+
+
+def open_sources(recipe: Recipe, resolver: ModelResolver, allow_pickle: bool) -> dict[str, Checkpoint]:
+    return {name: open_checkpoint(resolver(name), allow_pickle=allow_pickle) for name in recipe.referenced_models()}
+
+
+def _pick_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvomergeError("--device cuda was asked for but no CUDA device is available")
+    return dev
+
+
+def run_merge(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    resolver: ModelResolver | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> MergeResult:
+    """Merge ``recipe`` into the Hugging Face model directory ``out_dir`` (atomically)."""
+    start = time.perf_counter()
+    dev = _pick_device(device)
+    ckpts = open_sources(recipe, resolver or resolve_model_path, allow_pickle)
+    plan = build_plan(recipe, ckpts)
+    out = Path(out_dir)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, [(t.name, t.shape, t.dtype) for t in plan.tensors], max_shard_bytes)
+        try:
+            _stream(plan, ckpts, writer, dev, seed, progress)
+            files = writer.finish()
+        finally:
+            writer.abort()
+        files += write_model_files(plan, ckpts, tmp, seed=seed)
+    nbytes = sum(t.dtype.itemsize * _numel(t.shape) for t in plan.tensors)
+    return MergeResult(out, len(plan.tensors), nbytes, time.perf_counter() - start, files)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _stream(plan: MergePlan, ckpts, writer: ShardWriter, dev: torch.device, seed: int, progress) -> None:
+    """Merge tensor by tensor, prefetching the next inputs while the current one computes."""
+    items = plan.tensors
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-read") as pool:
+        pending: deque[Future] = deque()
+        ahead = iter(items)
+        for pt in (next(ahead, None), next(ahead, None)):
+            if pt is not None:
+                pending.append(pool.submit(_load, pt, ckpts, dev))
+        for i, pt in enumerate(items):
+            inputs = pending.popleft().result()
+            nxt = next(ahead, None)
+            if nxt is not None:
+                pending.append(pool.submit(_load, nxt, ckpts, dev))
+            writer.write(pt.name, merge_planned(pt, plan, inputs, dev, seed))
+            if progress:
+                progress(i + 1, len(items))
+        for f in pending:
+            f.cancel()

@@ -1,0 +1,117 @@
+"""The files beside the weights: config, tokenizer, model card, recipe."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from evomerge.operators.checkpoint import Checkpoint
+from evomerge.operators.plan import MergePlan
+from evomerge.operators.writer import write_text
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def merged_config(plan: MergePlan, ckpts: dict[str, Checkpoint]) -> dict[str, Any]:
+    """The config of the config model, with the new depth and dtype.
+
+    Per-layer list fields (such as ``layer_types``) are rebuilt from the layer each
+    output layer came from.
+    """
+    cfg = json.loads(json.dumps(ckpts[plan.config_model].config))
+    old = plan.source_layers
+    if old is not None and plan.num_layers != old:
+        for key, value in list(cfg.items()):
+            if isinstance(value, list) and len(value) == old:
+                cfg[key] = [ckpts[m].config.get(key, value)[i] for m, i in plan.layer_origin]
+    if "num_hidden_layers" in cfg or "n_layer" not in cfg:
+        cfg["num_hidden_layers"] = plan.num_layers
+    else:
+        cfg["n_layer"] = plan.num_layers
+    dtypes = {t.dtype for t in plan.tensors if t.dtype.is_floating_point}
+    if len(dtypes) == 1:
+        name = DTYPE_CONFIG_NAMES.get(next(iter(dtypes)))
+        if name:
+            cfg["dtype"] = name
+            cfg.pop("torch_dtype", None)
+    vocab = {t.vocab_rows for t in plan.tensors if t.vocab_rows}
+    if vocab:
+        cfg["vocab_size"] = vocab.pop()
+    return cfg
+
+
+def _chat_template(value: str) -> str | None:
+    """The template text for a recipe's (validated) ``chat_template``; None keeps the source's."""
+    return None if value == "auto" else CHATML if value == "chatml" else value
+
+
+def model_card(plan: MergePlan, extra: str = "") -> str:
+    """A README.md with YAML front matter that the Hub and mergekit users expect."""
+    recipe = plan.recipe
+    sources = recipe.referenced_models()
+    front = {"base_model": sources, "library_name": "transformers", "tags": ["merge", "evomerge", "mergekit"]}
+    body = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        "# Merged model",
+        "",
+        f"This model was made with [evomerge](https://github.com/evomerge/evomerge) using the "
+        f"**{recipe.merge_method}** merge method"
+        + (f" with `{recipe.base_model}` as the base." if recipe.base_model else "."),
+        "",
+        "## Source models",
+        "",
+        *[f"- `{s}`" for s in sources],
+        "",
+    ]
+    if extra:
+        body += [extra.rstrip(), ""]
+    body += ["## Recipe", "", "The recipe, also in `mergekit_config.yml` (mergekit can rebuild it):", "", "```yaml",
+             recipe.to_yaml().rstrip(), "```", ""]
+    return "\n".join(body)
+
+
+def write_model_files(
+    plan: MergePlan, ckpts: dict[str, Checkpoint], out: Path, *, seed: int = 0, card_extra: str = ""
+) -> list[str]:
+    """Write config, tokenizer, generation config, model card and recipe into ``out``."""
+    written = ["config.json", "README.md", "mergekit_config.yml"]
+    write_text(out / "config.json", json.dumps(merged_config(plan, ckpts), indent=2) + "\n")
+    tok_dir = ckpts[plan.tokenizer_model].path
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copyfile(tok_dir / name, out / name)
+            written.append(name)
+    gen = ckpts[plan.config_model].path / "generation_config.json"
+    if gen.is_file():
+        shutil.copyfile(gen, out / "generation_config.json")
+        written.append("generation_config.json")
+    if plan.recipe.chat_template:
+        template = _chat_template(plan.recipe.chat_template)
+        if template is not None:
+            write_text(out / "chat_template.jinja", template)
+            written.append("chat_template.jinja")
+    write_text(out / "README.md", model_card(plan, card_extra))
+    write_text(out / "mergekit_config.yml", plan.recipe.to_yaml())
+    return sorted(set(written))

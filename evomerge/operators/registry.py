@@ -1,0 +1,166 @@
+"""One registry of merge operators, each declared once with its parameters.
+
+An operator is a pure function over tensors::
+
+    fn(tensors, base, gen, **params) -> Tensor
+
+``tensors`` holds one tensor per merged model (the base model excluded when the
+operator uses a base), ``base`` the base model's tensor or ``None``, ``gen`` a
+seeded :class:`torch.Generator` (only random operators use it). Parameters
+declared ``per_model`` arrive as one value per tensor, the others as scalars.
+
+The declarations are the single source of truth: recipe validation, defaults
+and the search space (``evomerge.search``) are all derived from them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import Tensor
+
+from evomerge.errors import RecipeError
+
+Scalar = float | int | bool
+BaseUse = Literal["none", "optional", "required"]
+OperatorFn = Callable[..., Tensor]
+
+# Modules whose import registers operators. The registry imports them on first
+# lookup, so importing ``evomerge.operators`` registers nothing by side effect.
+_PROVIDERS = ("evomerge.operators.methods",)
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared operator parameter.
+
+    ``low``/``high`` bound the values that are valid at all (inclusive; ``None``
+    is unbounded); ``search`` is the default range a search explores, or
+    ``None`` when the parameter is not searched by default. ``default=None``
+    means the parameter is required.
+    """
+
+    name: str
+    default: Scalar | None
+    kind: type = float
+    per_model: bool = False
+    low: float | None = None
+    high: float | None = None
+    search: tuple[float, float] | None = None
+    log: bool = False
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is None
+
+    def check(self, value: object, where: str) -> Scalar:
+        """Return ``value`` converted to this parameter's kind, or raise."""
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise RecipeError(f"{where}: parameter '{self.name}' must be true or false, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: parameter '{self.name}' must be a number, got {value!r}")
+        number = float(value)
+        if not math.isfinite(number):
+            raise RecipeError(f"{where}: parameter '{self.name}' must be finite, got {value!r}")
+        if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
+            lo = "-inf" if self.low is None else f"{self.low:g}"
+            hi = "inf" if self.high is None else f"{self.high:g}"
+            raise RecipeError(f"{where}: parameter '{self.name}' = {value!r} is outside [{lo}, {hi}]")
+        if self.kind is int:
+            if number != int(number):
+                raise RecipeError(f"{where}: parameter '{self.name}' must be an integer, got {value!r}")
+            return int(number)
+        return number
+
+
+@dataclass(frozen=True)
+class Operator:
+    """A registered merge operator and its contract."""
+
+    name: str
+    fn: OperatorFn
+    params: tuple[Param, ...]
+    base: BaseUse = "none"
+    min_models: int = 1
+    max_models: int | None = None
+    random: bool = False
+    doc: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def __call__(self, tensors: Sequence[Tensor], base: Tensor | None = None, gen=None, **params) -> Tensor:
+        return self.fn(list(tensors), base, gen, **params)
+
+
+_REGISTRY: dict[str, Operator] = {}
+_loaded = False
+
+
+def register(
+    name: str,
+    *,
+    params: Sequence[Param] = (),
+    base: BaseUse = "none",
+    min_models: int = 1,
+    max_models: int | None = None,
+    random: bool = False,
+) -> Callable[[OperatorFn], OperatorFn]:
+    """Decorator: register ``fn`` under ``name`` with its declared parameters."""
+
+    def decorate(fn: OperatorFn) -> OperatorFn:
+        add(Operator(name, fn, tuple(params), base, min_models, max_models, random, (fn.__doc__ or "").strip()))
+        return fn
+
+    return decorate
+
+
+def add(op: Operator) -> Operator:
+    """Register a ready-made :class:`Operator`; a name may be registered once."""
+    if op.name in _REGISTRY:
+        raise ValueError(f"merge operator '{op.name}' is registered twice")
+    _REGISTRY[op.name] = op
+    return op
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in _PROVIDERS:
+            importlib.import_module(module)
+
+
+def get_operator(name: str) -> Operator:
+    """The operator registered as ``name``; unknown names suggest the closest."""
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise RecipeError(f"unknown merge_method '{name}'{hint}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def operators() -> dict[str, Operator]:
+    """Every registered operator by name."""
+    _ensure_loaded()
+    return dict(_REGISTRY)
+
+
+def all_param_names() -> set[str]:
+    """Names declared by any operator (to tell a typo from a parameter of another method)."""
+    return {p.name for op in operators().values() for p in op.params}

@@ -1,0 +1,128 @@
+"""Sparsifiers and sign consensus for task vectors (TIES, DARE, breadcrumbs, DELLA).
+
+Each sparsifier returns a boolean keep-mask of the task vector's shape; the
+rescaling that DARE and DELLA apply is separate (:func:`rescale_l1`). Top-k is
+computed by exact radix selection over the float bit patterns, never a full
+sort, with ties broken towards the lower flat index so that results are
+deterministic and top-k sets are nested.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor
+
+_HI = 1 << 15  # positive float32 magnitudes: the top 16 bits take values below 2**15
+_LO = 1 << 16
+
+
+def _magnitude_bits(x: Tensor) -> Tensor:
+    """Flat int32 keys whose integer order is the order of |x| (IEEE-754, sign cleared)."""
+    mag = x.detach().reshape(-1).to(torch.float32).abs()
+    return mag.view(torch.int32)
+
+
+def _high_halves(keys: Tensor) -> Tensor:
+    """keys >> 16 without arithmetic: the high int16 of each int32 (a strided view)."""
+    halves = keys.view(torch.int16)
+    return halves[1::2] if sys.byteorder == "little" else halves[0::2]
+
+
+def _kth_largest_key(keys: Tensor, k: int) -> int:
+    """The key value T with count(keys > T) < k <= count(keys >= T), by two radix passes."""
+    hi = _high_halves(keys)
+    hist = torch.bincount(hi, minlength=_HI)
+    from_top = hist.flip(0).cumsum(0)
+    pos = int(torch.searchsorted(from_top, torch.tensor([k], device=from_top.device)).item())
+    bucket = _HI - 1 - pos
+    above = int(from_top[pos - 1].item()) if pos > 0 else 0
+    lo = keys[hi == bucket] & 0xFFFF
+    hist_lo = torch.bincount(lo, minlength=_LO)
+    from_top_lo = hist_lo.flip(0).cumsum(0)
+    pos_lo = int(torch.searchsorted(from_top_lo, torch.tensor([k - above], device=keys.device)).item())
+    return (bucket << 16) | (_LO - 1 - pos_lo)
+
+
+def topk_mask(x: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` entries of largest |x| (ties: lowest flat index first)."""
+    n = x.numel()
+    if k >= n:
+        return torch.ones_like(x, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    keys = _magnitude_bits(x)
+    threshold = _kth_largest_key(keys, k)
+    mask = keys > threshold
+    need = k - int(torch.count_nonzero(mask))
+    ties = keys == threshold
+    if need >= int(torch.count_nonzero(ties)):
+        mask |= ties
+    else:
+        mask[ties.nonzero().view(-1)[:need]] = True
+    return mask.view(x.shape)
+
+
+def magnitude(x: Tensor, density: float) -> Tensor:
+    """TIES trim (Yadav et al. 2023, Sec. 3 step 1): keep max(1, int(density*n)) largest |x|."""
+    if density >= 1.0:
+        return torch.ones_like(x, dtype=torch.bool)
+    return topk_mask(x, max(1, int(density * x.numel())))
+
+
+def magnitude_outliers(x: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2023): drop the top int(gamma*n) outliers and
+    the smallest entries so that int(density*n) remain. gamma*n < 1 drops no outliers."""
+    n = x.numel()
+    if density >= 1.0:
+        return torch.ones_like(x, dtype=torch.bool)
+    n_top = int(gamma * n)
+    keep = min(int(density * n), n - n_top)
+    upper = topk_mask(x, n_top + keep)
+    if n_top == 0:
+        return upper
+    return upper & ~topk_mask(x, n_top)
+
+
+def bernoulli(x: Tensor, density: float, gen: torch.Generator | None) -> Tensor:
+    """DARE drop (Yu et al. 2024, Eq. 2): keep each entry with probability ``density``."""
+    if density >= 1.0:
+        return torch.ones_like(x, dtype=torch.bool)
+    probs = torch.full(x.shape, density, dtype=torch.float32, device=x.device)
+    return torch.bernoulli(probs, generator=gen).to(torch.bool)
+
+
+def rank_sampling(x: Tensor, density: float, epsilon: float, gen: torch.Generator | None) -> Tensor:
+    """DELLA MAGPRUNE (Deep et al. 2024, Eq. 1): per row, keep entry j with probability
+    p_j = (density - eps) + rank_j / (n - 1) * 2 eps, ranks of |x| ascending from 0."""
+    if density >= 1.0:
+        return torch.ones_like(x, dtype=torch.bool)
+    rows = x.detach().reshape(1, -1) if x.dim() < 2 else x.detach().reshape(x.shape[0], -1)
+    n = rows.shape[1]
+    order = rows.to(torch.float32).abs().argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n, device=x.device).expand_as(order))
+    scale = 2.0 * epsilon / (n - 1) if n > 1 else 0.0
+    probs = (density - epsilon) + ranks.to(torch.float32) * scale
+    if n == 1:
+        probs.fill_(density)
+    return torch.bernoulli(probs, generator=gen).to(torch.bool).view(x.shape)
+
+
+def rescale_l1(x: Tensor, mask: Tensor) -> Tensor:
+    """x * mask, rescaled so that its L1 norm equals x's (DARE's rescale, L1 form)."""
+    kept = x * mask
+    before = x.abs().sum()
+    after = kept.abs().sum()
+    if before >= 1e-8 and after >= 1e-8:
+        kept.mul_(before / after)
+    return kept
+
+
+def sign_consensus(weighted: Tensor) -> Tensor:
+    """TIES elect (Yadav et al. 2023, Sec. 3 step 2): keep-mask of the entries of each
+    stacked task vector whose sign agrees with sign(sum_i w_i tau_i) (zero counts as +).
+    Entries equal to zero never agree, so they never count in the divisor."""
+    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    return weighted.sign() == elected
