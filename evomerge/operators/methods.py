@@ -142,7 +142,9 @@ def multislerp(tensors: list[Tensor], base: Tensor | None, gen, *, weight, norma
     units = flat / (norms + eps)
     mean = (units * w.view(-1, 1)).sum(0)
     mean_norm = mean.norm()
-    if mean_norm < eps:
+    if float(norms.max()) < eps:  # all inputs (task vectors) are zero: so is their mean
+        res = torch.zeros_like(stack[0])
+    elif mean_norm < eps:
         if len(tensors) != 2:
             raise MergeError("multislerp: the weighted mean direction is zero (antipodal inputs balance out)")
         res = (flat[0] * w[0] + flat[1] * w[1]).view(stack.shape[1:])
@@ -232,8 +234,8 @@ def _register_family(
         p.setdefault("rescale", False)
         return _task_arithmetic_family(tensors, base, gen, p, sparsifier, consensus)
 
-    fn.__doc__ = _task_arithmetic_family.__doc__
-    add(Operator(name, fn, params, base="required", min_models=1, random=sparsifier in _RANDOM))
+    doc = f"{name}: {_task_arithmetic_family.__doc__}"
+    add(Operator(name, fn, params, base="required", min_models=1, random=sparsifier in _RANDOM, doc=doc))
 
 
 _RANDOM = (_sparsify_random, _sparsify_rank)

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> list[Path]:
+    """A tiny Llama base and three fine-tunes (float32, hidden 32, 2 layers)."""
+    from evomerge.testing import make_family
+
+    return make_family(tmp_path_factory.mktemp("family"), 3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def deep_family(tmp_path_factory) -> list[Path]:
+    """A 4-layer base and two fine-tunes, for slice recipes."""
+    from evomerge.testing import make_family
+
+    return make_family(tmp_path_factory.mktemp("deep"), 2, seed=10, layers=4)

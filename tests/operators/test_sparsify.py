@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evomerge.operators import sparsify
+
+
+def _reference_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    flat = x.reshape(-1)
+    order = sorted(range(flat.numel()), key=lambda i: (-abs(float(flat[i])), i))[:k]
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order] = True
+    return mask.view(x.shape)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_topk_mask_is_exact_with_deterministic_ties(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, 25, generator=gen)
+    if seed % 2:
+        x = x.round()  # many ties
+    for k in (1, 7, 500, 999, 1000):
+        mask = sparsify.topk_mask(x, k)
+        assert int(mask.sum()) == k
+        assert torch.equal(mask, _reference_topk(x, k))
+
+
+def test_topk_sets_are_nested():
+    x = torch.randn(300, generator=torch.Generator().manual_seed(1)).round()
+    small, big = sparsify.topk_mask(x, 40), sparsify.topk_mask(x, 200)
+    assert torch.equal(small & big, small)
+
+
+def test_magnitude_keeps_at_least_one():
+    x = torch.tensor([0.1, -3.0, 2.0])
+    assert sparsify.magnitude(x, 0.1).tolist() == [False, True, False]
+
+
+def test_breadcrumbs_drops_outliers_and_small_values():
+    x = torch.arange(1, 101, dtype=torch.float32)
+    mask = sparsify.magnitude_outliers(x, density=0.5, gamma=0.1)
+    kept = x[mask]
+    assert kept.numel() == 50 and kept.min() == 41 and kept.max() == 90
+
+
+def test_breadcrumbs_small_gamma_drops_no_outliers():
+    """mergekit 0.1.5 zeroes the tensor when gamma*n < 1; we drop nothing from the top."""
+    x = torch.arange(1, 11, dtype=torch.float32)
+    kept = x[sparsify.magnitude_outliers(x, density=0.5, gamma=0.01)]
+    assert kept.tolist() == [6, 7, 8, 9, 10]
+
+
+def test_bernoulli_keeps_density_fraction_and_is_seeded():
+    x = torch.ones(100_000)
+    a = sparsify.bernoulli(x, 0.3, torch.Generator().manual_seed(0))
+    b = sparsify.bernoulli(x, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    assert abs(a.float().mean().item() - 0.3) < 0.01
+
+
+def test_rank_sampling_probabilities_follow_rank():
+    x = torch.arange(1, 1001, dtype=torch.float32).repeat(200, 1)
+    mask = sparsify.rank_sampling(x, 0.5, 0.2, torch.Generator().manual_seed(0)).float()
+    low, high = mask[:, :100].mean().item(), mask[:, -100:].mean().item()
+    assert abs(low - 0.31) < 0.02 and abs(high - 0.69) < 0.02
+
+
+def test_rescale_l1_preserves_norm():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(2))
+    mask = sparsify.bernoulli(x, 0.4, torch.Generator().manual_seed(3))
+    out = sparsify.rescale_l1(x, mask)
+    assert torch.isclose(out.abs().sum(), x.abs().sum(), rtol=1e-5)
+    assert torch.equal(out == 0, ~mask | (x == 0))
+
+
+def test_sign_consensus_zero_counts_positive_and_zero_never_kept():
+    w = torch.tensor([[1.0, -1.0, 0.0], [-1.0, -2.0, 0.0]])
+    keep = sparsify.sign_consensus(w)
+    assert keep.tolist() == [[True, True, False], [False, True, False]]
