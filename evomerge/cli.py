@@ -32,8 +32,10 @@ def _merge(args: argparse.Namespace) -> int:
             progress=tick,
         )
     gb = result.bytes / 1024**3
-    print(f"merged {result.tensors} tensors ({gb:.2f} GiB) with {recipe.merge_method} in {result.seconds:.1f} s "
-          f"-> {result.out_dir}")
+    print(
+        f"merged {result.tensors} tensors ({gb:.2f} GiB) with {recipe.merge_method} in {result.seconds:.1f} s "
+        f"-> {result.out_dir}"
+    )
     return 0
 
 

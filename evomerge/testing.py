@@ -34,8 +34,11 @@ def save_model(state: dict[str, torch.Tensor], config, path: Path, dtype: torch.
     path.mkdir(parents=True, exist_ok=True)
     config.dtype = dtype
     config.save_pretrained(path)
-    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(path / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.to(dtype).contiguous() for k, v in state.items()},
+        str(path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return path
 
 
@@ -62,7 +65,9 @@ def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.005) -
     return {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in state.items()}
 
 
-def make_family(root: Path, n_finetunes: int = 2, *, seed: int = 0, dtype: torch.dtype = torch.float32, **cfg) -> list[Path]:
+def make_family(
+    root: Path, n_finetunes: int = 2, *, seed: int = 0, dtype: torch.dtype = torch.float32, **cfg
+) -> list[Path]:
     """A base and ``n_finetunes`` fine-tunes under ``root``: [base, ft1, ft2, ...]."""
     config = llama_config(**cfg)
     base = random_llama_state(config, seed)

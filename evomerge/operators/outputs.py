@@ -25,7 +25,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -87,8 +88,16 @@ def model_card(plan: MergePlan, extra: str = "") -> str:
     ]
     if extra:
         body += [extra.rstrip(), ""]
-    body += ["## Recipe", "", "The recipe, also in `mergekit_config.yml` (mergekit can rebuild it):", "", "```yaml",
-             recipe.to_yaml().rstrip(), "```", ""]
+    body += [
+        "## Recipe",
+        "",
+        "The recipe, also in `mergekit_config.yml` (mergekit can rebuild it):",
+        "",
+        "```yaml",
+        recipe.to_yaml().rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(body)
 
 

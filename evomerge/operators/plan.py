@@ -146,7 +146,13 @@ def _slice_ctx(index: int, sl: Slice, recipe: Recipe, op: Operator) -> _SliceCtx
     n = len(merged)
     hi = op.max_models
     if n < op.min_models or (hi is not None and n > hi):
-        want = f"exactly {hi}" if hi == op.min_models else f"at least {op.min_models}" if hi is None else f"{op.min_models} to {hi}"
+        want = (
+            f"exactly {hi}"
+            if hi == op.min_models
+            else f"at least {op.min_models}"
+            if hi is None
+            else f"{op.min_models} to {hi}"
+        )
         besides = " besides the base_model" if base is not None else ""
         raise RecipeError(f"merge_method '{op.name}' merges {want} model(s){besides}; slice {index} has {n}")
     return _SliceCtx(index, sl, merged, base)
@@ -158,8 +164,14 @@ def _params_for(ctx: _SliceCtx, recipe: Recipe, op: Operator, tensor: str, layer
     for p in op.params:
         if p.per_model:
             out[p.name] = [
-                _resolve(p, _lookup(p.name, [s.parameters, ctx.slice.parameters, recipe.parameters]), tensor, layer, n,
-                         f"model '{s.model}', tensor '{tensor}'")
+                _resolve(
+                    p,
+                    _lookup(p.name, [s.parameters, ctx.slice.parameters, recipe.parameters]),
+                    tensor,
+                    layer,
+                    n,
+                    f"model '{s.model}', tensor '{tensor}'",
+                )
                 for s in ctx.merged
             ]
         else:

@@ -58,7 +58,9 @@ class ShardWriter:
         self.dir = directory
         self.shards = shard_layout(entries, max_shard_bytes)
         n = len(self.shards)
-        self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.names = (
+            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         self._queue = [(shard_i, e) for shard_i, shard in enumerate(self.shards) for e in shard]
         self._pos = 0
         self._file: BinaryIO | None = None
@@ -86,7 +88,9 @@ class ShardWriter:
     def write(self, name: str, tensor: Tensor) -> None:
         shard_i, (want, shape, dtype) = self._queue[self._pos]
         if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(f"writer expected {want} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+            raise RuntimeError(
+                f"writer expected {want} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
         if shard_i != self._shard:
             self._open(shard_i)
         assert self._file is not None

@@ -28,12 +28,16 @@ def recipe(text: str, **fmt) -> Recipe:
 
 def test_linear_merge_equals_formula_and_loads(family, tmp_path):
     base, a, b, _ = family
-    r = recipe("""
+    r = recipe(
+        """
 merge_method: linear
 models:
   - {{model: {a}, parameters: {{weight: 0.25}}}}
   - {{model: {b}, parameters: {{weight: 0.75}}}}
-""", a=a, b=b)
+""",
+        a=a,
+        b=b,
+    )
     out = tmp_path / "out"
     res = run_merge(r, out)
     merged, sa, sb = state(out), state(a), state(b)
@@ -54,13 +58,17 @@ models:
 
 def test_slices_stack_layers_and_update_config(deep_family, tmp_path):
     base, a, b = deep_family
-    r = recipe("""
+    r = recipe(
+        """
 merge_method: passthrough
 dtype: bfloat16
 slices:
   - sources: [{{model: {a}, layer_range: [0, 3]}}]
   - sources: [{{model: {b}, layer_range: [1, 4]}}]
-""", a=a, b=b)
+""",
+        a=a,
+        b=b,
+    )
     out = tmp_path / "stack"
     run_merge(r, out)
     cfg = json.loads((out / "config.json").read_text())
@@ -80,13 +88,17 @@ slices:
 
 def test_slice_gradient_uses_layer_index_within_slice(deep_family, tmp_path):
     base, a, b = deep_family
-    r = recipe("""
+    r = recipe(
+        """
 merge_method: slerp
 base_model: {base}
 parameters: {{t: [0.0, 1.0]}}
 slices:
   - sources: [{{model: {base}, layer_range: [0, 4]}}, {{model: {a}, layer_range: [0, 4]}}]
-""", base=base, a=a)
+""",
+        base=base,
+        a=a,
+    )
     out = tmp_path / "grad"
     run_merge(r, out)
     merged, s0, sa = state(out), state(base), state(a)
@@ -98,11 +110,16 @@ slices:
 
 def test_sharded_output_and_sharded_input_roundtrip(family, tmp_path):
     base, a, b, _ = family
-    r = recipe("""
+    r = recipe(
+        """
 merge_method: task_arithmetic
 base_model: {base}
 models: [{{model: {a}, parameters: {{weight: 0.5}}}}, {{model: {b}, parameters: {{weight: 0.5}}}}]
-""", base=base, a=a, b=b)
+""",
+        base=base,
+        a=a,
+        b=b,
+    )
     sharded = tmp_path / "sharded"
     run_merge(r, sharded, max_shard_bytes=20_000)
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
@@ -120,7 +137,9 @@ def test_dare_is_seeded_per_tensor(family, tmp_path):
     text = """
 merge_method: dare_ties
 base_model: {base}
-models: [{{model: {a}, parameters: {{weight: 0.5, density: 0.5}}}}, {{model: {b}, parameters: {{weight: 0.5, density: 0.5}}}}]
+models:
+  - {{model: {a}, parameters: {{weight: 0.5, density: 0.5}}}}
+  - {{model: {b}, parameters: {{weight: 0.5, density: 0.5}}}}
 """
     r = recipe(text, base=base, a=a, b=b)
     run_merge(r, tmp_path / "s1", seed=1)
@@ -131,8 +150,10 @@ models: [{{model: {a}, parameters: {{weight: 0.5, density: 0.5}}}}, {{model: {b}
     assert any(not torch.equal(x[k], z[k]) for k in x)
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_linear", "breadcrumbs_ties", "della", "sce", "model_stock",
-                                    "multislerp", "karcher", "nuslerp"])
+@pytest.mark.parametrize(
+    "method",
+    ["ties", "dare_linear", "breadcrumbs_ties", "della", "sce", "model_stock", "multislerp", "karcher", "nuslerp"],
+)
 def test_every_method_merges_real_models(family, tmp_path, method):
     base, a, b, c = family
     extra = "\n    parameters: {density: 0.6}" if method in ("ties", "dare_linear", "breadcrumbs_ties", "della") else ""

@@ -37,8 +37,11 @@ def test_gradient_interpolation():
 
 
 def test_filters_first_match_wins_and_fallback():
-    value = [FilterValue(filter="self_attn", value=0.1), FilterValue(filter="mlp", value=[0.0, 1.0]),
-             FilterValue(value=0.7)]
+    value = [
+        FilterValue(filter="self_attn", value=0.1),
+        FilterValue(filter="mlp", value=[0.0, 1.0]),
+        FilterValue(value=0.7),
+    ]
     assert resolve_value(value, "model.layers.0.self_attn.q_proj.weight", 0, 2) == 0.1
     assert resolve_value(value, "model.layers.1.mlp.up_proj.weight", 1, 2) == 1.0
     assert resolve_value(value, "model.norm.weight", None, 2) == 0.7
@@ -49,16 +52,28 @@ def test_filters_first_match_wins_and_fallback():
     "data, message",
     [
         ({"merge_method": "ties"}, "exactly one of"),
-        ({"merge_method": "linear", "models": [], }, "empty"),
+        (
+            {
+                "merge_method": "linear",
+                "models": [],
+            },
+            "empty",
+        ),
         ({"merge_method": "linear", "models": [{"model": "a"}], "slices": []}, "exactly one of"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "float8"}, "unknown dtype"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"}, "union"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "bogus": 1}, "bogus"),
-        ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [3, 1]}]}]},
-         "layer_range"),
-        ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]},
-                                                             {"model": "b", "layer_range": [0, 3]}]}]},
-         "different layer counts"),
+        (
+            {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [3, 1]}]}]},
+            "layer_range",
+        ),
+        (
+            {
+                "merge_method": "linear",
+                "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 3]}]}],
+            },
+            "different layer counts",
+        ),
         (["merge_method", "linear"], "mapping"),
     ],
 )
