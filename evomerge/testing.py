@@ -24,6 +24,7 @@ def llama_config(hidden: int = 32, layers: int = 2, vocab: int = 64, intermediat
         vocab_size=vocab,
         max_position_embeddings=128,
         tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
     )
 
 

@@ -1,0 +1,91 @@
+"""Differential test against mergekit 0.1.5 on the same YAML (optional).
+
+Runs when a ``mergekit-yaml`` executable is found (``MERGEKIT_YAML`` or PATH);
+the suite passes without it. Random methods (DARE, DELLA) are compared in
+distribution elsewhere; here every deterministic method must give the same
+tensors to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evomerge.operators.engine import run_merge
+from evomerge.operators.recipe import Recipe
+
+MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+pytestmark = pytest.mark.skipif(MERGEKIT is None, reason="mergekit-yaml not installed (optional)")
+
+CASES = {
+    "linear": "models:\n  - {{model: {a}, parameters: {{weight: 0.3}}}}\n  - {{model: {b}, parameters: {{weight: 0.6}}}}",
+    "task_arithmetic": "base_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.7}}}}\n"
+    "  - {{model: {b}, parameters: {{weight: [0.2, 0.9]}}}}",
+    "ties": "base_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.7, density: 0.4}}}}\n"
+    "  - {{model: {b}, parameters: {{weight: 0.5, density: 0.6}}}}\n"
+    "  - {{model: {c}, parameters: {{weight: [{{filter: mlp, value: 0.2}}, {{value: 0.4}}], density: 0.8}}}}",
+    "breadcrumbs_ties": "base_model: {base}\nmodels:\n"
+    "  - {{model: {a}, parameters: {{weight: 0.7, density: 0.5, gamma: 0.02}}}}\n"
+    "  - {{model: {b}, parameters: {{weight: 0.5, density: 0.6, gamma: 0.02}}}}",
+    "slerp": "base_model: {base}\nparameters: {{t: [0.1, 0.8]}}\nmodels:\n  - model: {base}\n  - model: {a}",
+    "nuslerp": "base_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.3}}}}\n"
+    "  - {{model: {b}, parameters: {{weight: 0.7}}}}",
+    "multislerp": "models:\n  - {{model: {a}, parameters: {{weight: 0.3}}}}\n  - {{model: {b}, parameters: {{weight: 0.7}}}}",
+    "model_stock": "base_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}",
+    "karcher": "models:\n  - model: {a}\n  - model: {b}\n  - model: {c}",
+    "sce": "base_model: {base}\nparameters: {{select_topk: 0.5}}\nmodels:\n  - model: {a}\n  - model: {b}",
+    "nearswap": "base_model: {base}\nparameters: {{t: 0.003}}\nmodels:\n  - model: {a}",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_same_tensors_as_mergekit(family, tmp_path, method):
+    base, a, b, c = family
+    text = f"merge_method: {method}\ndtype: float32\n" + CASES[method].format(base=base, a=a, b=b, c=c) + "\n"
+    path = tmp_path / "r.yml"
+    path.write_text(text)
+    theirs = tmp_path / "mergekit"
+    res = subprocess.run([MERGEKIT, str(path), str(theirs)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ours = tmp_path / "ours"
+    run_merge(Recipe.from_yaml(path), ours)
+    expected = {}
+    for f in theirs.glob("*.safetensors"):
+        expected.update(load_file(str(f)))
+    got = load_file(str(ours / "model.safetensors"))
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name].to(got[name].dtype), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method, params, density",
+    [("dare_linear", "density: 0.3", 0.3), ("della_linear", "density: 0.5, epsilon: 0.1", 0.5)],
+)
+def test_random_methods_match_mergekit_in_distribution(family, tmp_path, method, params, density):
+    """Same keep fraction (to sampling noise) and the same L1 norm of the task vector."""
+    base, a, _, _ = family
+    text = f"merge_method: {method}\nbase_model: {base}\ndtype: float32\nmodels:\n"
+    text += f"  - {{model: {a}, parameters: {{weight: 1.0, {params}}}}}\n"
+    path = tmp_path / "r.yml"
+    path.write_text(text)
+    res = subprocess.run([MERGEKIT, str(path), str(tmp_path / "mk")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_merge(Recipe.from_yaml(path), tmp_path / "ours", seed=3)
+    sb, sa = load_file(str(base / "model.safetensors")), load_file(str(a / "model.safetensors"))
+    stats = {}
+    for who in ("mk", "ours"):
+        out = load_file(str(tmp_path / who / "model.safetensors"))
+        kept = sum(int(((out[k] - sb[k]).abs() > 0).sum()) for k in sb)
+        total = sum(sb[k].numel() for k in sb)
+        l1 = sum(float((out[k] - sb[k]).abs().sum()) for k in sb) / sum(float((sa[k] - sb[k]).abs().sum()) for k in sb)
+        stats[who] = (kept / total, l1)
+    assert abs(stats["ours"][0] - density) < 0.01 and abs(stats["mk"][0] - density) < 0.01
+    assert stats["ours"][1] == pytest.approx(stats["mk"][1], rel=0.02)
