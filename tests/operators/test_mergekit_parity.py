@@ -23,7 +23,8 @@ MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
 pytestmark = pytest.mark.skipif(MERGEKIT is None, reason="mergekit-yaml not installed (optional)")
 
 CASES = {
-    "linear": "models:\n  - {{model: {a}, parameters: {{weight: 0.3}}}}\n  - {{model: {b}, parameters: {{weight: 0.6}}}}",
+    "linear": "models:\n  - {{model: {a}, parameters: {{weight: 0.3}}}}\n"
+    "  - {{model: {b}, parameters: {{weight: 0.6}}}}",
     "task_arithmetic": "base_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.7}}}}\n"
     "  - {{model: {b}, parameters: {{weight: [0.2, 0.9]}}}}",
     "ties": "base_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.7, density: 0.4}}}}\n"
@@ -35,7 +36,8 @@ CASES = {
     "slerp": "base_model: {base}\nparameters: {{t: [0.1, 0.8]}}\nmodels:\n  - model: {base}\n  - model: {a}",
     "nuslerp": "base_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.3}}}}\n"
     "  - {{model: {b}, parameters: {{weight: 0.7}}}}",
-    "multislerp": "models:\n  - {{model: {a}, parameters: {{weight: 0.3}}}}\n  - {{model: {b}, parameters: {{weight: 0.7}}}}",
+    "multislerp": "models:\n  - {{model: {a}, parameters: {{weight: 0.3}}}}\n"
+    "  - {{model: {b}, parameters: {{weight: 0.7}}}}",
     "model_stock": "base_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}",
     "karcher": "models:\n  - model: {a}\n  - model: {b}\n  - model: {c}",
     "sce": "base_model: {base}\nparameters: {{select_topk: 0.5}}\nmodels:\n  - model: {a}\n  - model: {b}",
