@@ -13,6 +13,6 @@ out.mkdir(parents=True)
 infos = list(ckpts[0].tensors.values())
 writer = ShardWriter(out, [(i.name, i.shape, i.dtype) for i in infos], 5 * 1024**3)
 for info in infos:
-    tensors = [c.get(info.name) for c in ckpts]
+    tensors = [c.get(info.name) for c in ckpts]  # each read copies its bytes into memory
     writer.write(info.name, tensors[0])
 writer.finish()

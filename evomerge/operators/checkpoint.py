@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte offset of the data in ``file``
 
     @property
     def nbytes(self) -> int:
@@ -78,7 +80,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             start, end = (int(x) for x in meta["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise ModelError(f"{path}: tensor '{name}' has a malformed or unsupported header entry") from None
-        info = TensorInfo(name, path, dtype, shape)
+        info = TensorInfo(name, path, dtype, shape, 8 + n + start)
         if any(d < 0 for d in shape) or end - start != info.nbytes or not (0 <= start <= end <= data_size):
             raise ModelError(
                 f"{path}: tensor '{name}' claims shape {list(shape)} at bytes [{start}, {end}) "
@@ -109,23 +111,39 @@ class Checkpoint:
         return int(value) if value is not None else None
 
     def get(self, name: str, device: str | torch.device = "cpu") -> Tensor:
-        """Load one tensor (memory-mapped read of just its bytes)."""
+        """Read one tensor's bytes into a fresh tensor.
+
+        Plain positioned reads rather than a memory map: pages of the files never
+        count towards this process's memory, only the tensors it holds.
+        """
         if self.pickled is not None:
             return self.pickled[name].to(device)
         info = self.tensors.get(name)
         if info is None:
             raise ModelError(f"{self.path}: has no tensor '{name}'")
-        handle = self._handles.get(info.file)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = safe_open(str(info.file), framework="pt", device="cpu")
-            self._handles[info.file] = handle
-        tensor = handle.get_tensor(name)
+        fd = self._handles.get(info.file)
+        if fd is None:
+            fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
+        tensor = torch.empty(info.shape, dtype=info.dtype)
+        buf = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+        done = 0
+        while done < len(buf):
+            got = os.preadv(fd, [buf[done:]], info.offset + done)
+            if got <= 0:
+                raise ModelError(f"{info.file}: unexpected end of file reading tensor '{name}'")
+            done += got
         return tensor.to(device) if str(device) != "cpu" else tensor
 
     def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def _read_config(path: Path) -> dict[str, Any]:

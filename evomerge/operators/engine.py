@@ -52,10 +52,19 @@ def _fit_rows(t: Tensor, rows: int, donor: Tensor) -> Tensor:
     return torch.cat([t, donor[t.shape[0] : rows].to(t.dtype)])
 
 
+def all_finite(t: Tensor) -> bool:
+    """True when ``t`` holds no NaN or Inf: one fused reduction, exact check only if it overflows."""
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _load(pt: PlannedTensor, ckpts: dict[str, Checkpoint], device: torch.device) -> tuple[list[Tensor], Tensor | None]:
+    """Read one planned tensor's inputs in their stored dtype (the read-ahead thread runs this)."""
+
     def one(ref) -> Tensor:
-        t = ckpts[ref.model].get(ref.tensor).to(device=device, dtype=torch.float32, non_blocking=True)
-        if not bool(torch.isfinite(t).all()):
+        t = ckpts[ref.model].get(ref.tensor).to(device=device, non_blocking=True)
+        if t.is_floating_point() and not all_finite(t):
             raise MergeError(f"tensor '{ref.tensor}' of model '{ref.model}' contains NaN or Inf")
         return t
 
@@ -71,6 +80,9 @@ def _load(pt: PlannedTensor, ckpts: dict[str, Checkpoint], device: torch.device)
 def merge_planned(pt: PlannedTensor, plan: MergePlan, inputs, device: torch.device, seed: int) -> Tensor:
     """Merge one planned tensor from its loaded inputs; the result is checked finite."""
     tensors, base = inputs
+    if not plan.operator.mixed_precision:
+        tensors = [t.to(torch.float32) for t in tensors]
+    base = base.to(torch.float32) if base is not None else None
     gen = None
     if plan.operator.random:
         gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, pt.name))
@@ -78,7 +90,7 @@ def merge_planned(pt: PlannedTensor, plan: MergePlan, inputs, device: torch.devi
         out = plan.operator.fn(tensors, base, gen, **pt.params)
     except MergeError as err:
         raise MergeError(f"tensor '{pt.name}': {err}") from None
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise MergeError(f"tensor '{pt.name}': the merge produced NaN or Inf")
     return out.to(pt.dtype)
 
@@ -145,9 +157,9 @@ def _stream(plan: MergePlan, ckpts, writer: ShardWriter, dev: torch.device, seed
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-read") as pool:
         pending: deque[Future] = deque()
         ahead = iter(items)
-        for pt in (next(ahead, None), next(ahead, None)):
-            if pt is not None:
-                pending.append(pool.submit(_load, pt, ckpts, dev))
+        first = next(ahead, None)
+        if first is not None:
+            pending.append(pool.submit(_load, first, ckpts, dev))
         for i, pt in enumerate(items):
             inputs = pending.popleft().result()
             nxt = next(ahead, None)

@@ -31,11 +31,6 @@ def _normalize_flag(name: str, default: bool) -> Param:
     return Param(name, default, kind=bool, doc="divide by the sum of the weights")
 
 
-def _weights(weight: Sequence[float], like: Tensor) -> Tensor:
-    """Per-model weights shaped to broadcast over a stack of tensors like ``like``."""
-    return torch.tensor(list(weight), dtype=like.dtype, device=like.device).view(-1, *([1] * like.dim()))
-
-
 def _weight_sum(weight: Sequence[float]) -> float:
     total = math.fsum(weight)
     if abs(total) < 1e-8:
@@ -43,10 +38,10 @@ def _weight_sum(weight: Sequence[float]) -> float:
     return total
 
 
-@register("linear", params=(WEIGHT, _normalize_flag("normalize", True)), min_models=1)
+@register("linear", params=(WEIGHT, _normalize_flag("normalize", True)), min_models=1, mixed_precision=True)
 def linear(tensors: list[Tensor], base: Tensor | None, gen, *, weight, normalize=True) -> Tensor:
     """Weighted average: sum_i w_i theta_i, divided by sum_i w_i when ``normalize``."""
-    out = torch.zeros_like(tensors[0])
+    out = torch.zeros_like(tensors[0], dtype=torch.promote_types(tensors[0].dtype, torch.float32))
     for w, t in zip(weight, tensors):
         out.add_(t, alpha=w)
     if normalize:
@@ -167,7 +162,7 @@ def _sparsify_none(delta: Tensor, i: int, p: dict, gen) -> Tensor:
 
 def _sparsify_magnitude(delta: Tensor, i: int, p: dict, gen) -> Tensor:
     d = p["density"][i]
-    return delta if d >= 1.0 else delta * sparsify.magnitude(delta, d)
+    return delta if d >= 1.0 else delta.mul_(sparsify.magnitude(delta, d))
 
 
 def _rescaled(mask_fn: Callable[[Tensor, int, dict, object], Tensor]) -> Sparsifier:
@@ -194,28 +189,43 @@ def _della_mask(delta: Tensor, i: int, p: dict, gen) -> Tensor:
 _sparsify_rank = _rescaled(_della_mask)
 
 
+def _minus(t: Tensor, base: Tensor) -> Tensor:
+    """t - base as a new tensor of base's dtype (converting first is faster than mixed-dtype sub)."""
+    return t.to(base.dtype).sub_(base) if t.dtype != base.dtype else torch.sub(t, base)
+
+
 def _task_arithmetic_family(tensors: list[Tensor], base: Tensor, gen, p: dict, sparsifier: Sparsifier, consensus: bool):
     """Generalised task arithmetic: theta_b + lambda * merge_i(sparsify(tau_i) * w_i).
 
-    TIES (Yadav et al. 2023): trim, elect sign, disjoint mean. DARE (Yu et al. 2024):
-    random drop and rescale. Without consensus it is task arithmetic (Ilharco et al. 2023).
+    TIES (Yadav et al. 2023, Sec. 3): trim, elect sign, disjoint mean. DARE (Yu et al.
+    2024): random drop and rescale. Without consensus it is task arithmetic (Ilharco et
+    al. 2023). Task vectors are made one at a time, in place, to bound memory.
     """
     weight = p["weight"]
-    deltas = torch.stack([sparsifier(t - base, i, p, gen) for i, t in enumerate(tensors)])
-    w = _weights(weight, base)
-    weighted = deltas.mul_(w)
+    if p["normalize"]:
+        total_weight = _weight_sum(weight)
+    weighted: list[Tensor] = []
+    total = torch.zeros_like(base)
+    for i, t in enumerate(tensors):
+        tau = sparsifier(_minus(t, base), i, p, gen)
+        tau.mul_(weight[i])
+        total.add_(tau)
+        weighted.append(tau)
     if consensus:
-        keep = sparsify.sign_consensus(weighted)
-        merged = (weighted * keep).sum(dim=0)
-        divisor = (w * keep).sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1.0
+        # elect: sign(sum_i w_i tau_i), zero counts as +; an entry is kept where w_i tau_i agrees
+        negative = total < 0
+        merged, divisor = total.zero_(), torch.zeros_like(base)
+        for w, tau in zip(weight, weighted):
+            agree = sparsify.agrees(tau, negative)
+            merged.add_(tau.mul_(agree))
+            divisor.add_(agree, alpha=w)
         if p["normalize"]:
-            _weight_sum(weight)
+            divisor[divisor.abs() < 1e-8] = 1.0
             merged.div_(divisor)
     else:
-        merged = weighted.sum(dim=0)
+        merged = total
         if p["normalize"]:
-            merged.div_(_weight_sum(weight))
+            merged.div_(total_weight)
     if p["lambda"] != 1.0:
         merged.mul_(p["lambda"])
     return merged.add_(base)
@@ -235,7 +245,8 @@ def _register_family(
         return _task_arithmetic_family(tensors, base, gen, p, sparsifier, consensus)
 
     doc = f"{name}: {_task_arithmetic_family.__doc__}"
-    add(Operator(name, fn, params, base="required", min_models=1, random=sparsifier in _RANDOM, doc=doc))
+    random = sparsifier in _RANDOM
+    add(Operator(name, fn, params, base="required", min_models=1, random=random, doc=doc, mixed_precision=True))
 
 
 _RANDOM = (_sparsify_random, _sparsify_rank)

@@ -93,6 +93,9 @@ class Operator:
     max_models: int | None = None
     random: bool = False
     doc: str = ""
+    # True when ``fn`` accepts merged tensors in any float dtype and computes in the
+    # base's dtype (float32), so the engine need not make float32 copies of them.
+    mixed_precision: bool = False
     aliases: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> Param | None:
@@ -118,11 +121,13 @@ def register(
     min_models: int = 1,
     max_models: int | None = None,
     random: bool = False,
+    mixed_precision: bool = False,
 ) -> Callable[[OperatorFn], OperatorFn]:
     """Decorator: register ``fn`` under ``name`` with its declared parameters."""
 
     def decorate(fn: OperatorFn) -> OperatorFn:
-        add(Operator(name, fn, tuple(params), base, min_models, max_models, random, (fn.__doc__ or "").strip()))
+        doc = (fn.__doc__ or "").strip()
+        add(Operator(name, fn, tuple(params), base, min_models, max_models, random, doc, mixed_precision))
         return fn
 
     return decorate

@@ -9,13 +9,12 @@ deterministic and top-k sets are nested.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor
 
 _HI = 1 << 15  # positive float32 magnitudes: the top 16 bits take values below 2**15
 _LO = 1 << 16
+_CHUNK = 1 << 22
 
 
 def _magnitude_bits(x: Tensor) -> Tensor:
@@ -24,21 +23,17 @@ def _magnitude_bits(x: Tensor) -> Tensor:
     return mag.view(torch.int32)
 
 
-def _high_halves(keys: Tensor) -> Tensor:
-    """keys >> 16 without arithmetic: the high int16 of each int32 (a strided view)."""
-    halves = keys.view(torch.int16)
-    return halves[1::2] if sys.byteorder == "little" else halves[0::2]
-
-
 def _kth_largest_key(keys: Tensor, k: int) -> int:
     """The key value T with count(keys > T) < k <= count(keys >= T), by two radix passes."""
-    hi = _high_halves(keys)
-    hist = torch.bincount(hi, minlength=_HI)
+    hist = torch.zeros(_HI, dtype=torch.int64, device=keys.device)
+    for chunk in keys.split(_CHUNK):  # chunks bound the temporaries
+        hist += torch.bincount(chunk >> 16, minlength=_HI)
     from_top = hist.flip(0).cumsum(0)
     pos = int(torch.searchsorted(from_top, torch.tensor([k], device=from_top.device)).item())
     bucket = _HI - 1 - pos
     above = int(from_top[pos - 1].item()) if pos > 0 else 0
-    lo = keys[hi == bucket] & 0xFFFF
+    start = bucket << 16
+    lo = keys[(keys >= start) & (keys < start + _LO)] - start
     hist_lo = torch.bincount(lo, minlength=_LO)
     from_top_lo = hist_lo.flip(0).cumsum(0)
     pos_lo = int(torch.searchsorted(from_top_lo, torch.tensor([k - above], device=keys.device)).item())
@@ -112,17 +107,22 @@ def rank_sampling(x: Tensor, density: float, epsilon: float, gen: torch.Generato
 
 def rescale_l1(x: Tensor, mask: Tensor) -> Tensor:
     """x * mask, rescaled so that its L1 norm equals x's (DARE's rescale, L1 form)."""
+    before = torch.linalg.vector_norm(x, 1)
     kept = x * mask
-    before = x.abs().sum()
-    after = kept.abs().sum()
+    after = torch.linalg.vector_norm(kept, 1)
     if before >= 1e-8 and after >= 1e-8:
         kept.mul_(before / after)
     return kept
+
+
+def agrees(x: Tensor, negative: Tensor) -> Tensor:
+    """Entries of ``x`` whose sign is the elected one (``negative`` marks where the
+    election chose -); zeros never agree. Sign bits, not multiplications: one pass."""
+    return (torch.signbit(x) == negative) & (x != 0)
 
 
 def sign_consensus(weighted: Tensor) -> Tensor:
     """TIES elect (Yadav et al. 2023, Sec. 3 step 2): keep-mask of the entries of each
     stacked task vector whose sign agrees with sign(sum_i w_i tau_i) (zero counts as +).
     Entries equal to zero never agree, so they never count in the divisor."""
-    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    return weighted.sign() == elected
+    return agrees(weighted, weighted.sum(dim=0) < 0)

@@ -1,0 +1,237 @@
+"""A fitness definition and its evaluation on a resident model.
+
+A fitness names tasks with weights, the split, how many samples, the aggregation
+(weighted mean, min, or one objective per task for Pareto search) and the backend
+(native scorer or lm-eval). Samples are picked once per evaluator from a seeded
+permutation, so every candidate is scored on the same items; per-sample results
+are kept so that a later stage can prune on a subset.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from evomerge.errors import EvomergeError
+from evomerge.fitness.data import read_jsonl
+from evomerge.fitness.lmeval import LmEvalTask
+from evomerge.fitness.tasks import Item
+
+Split = Literal["search", "validation", "test"]
+SPLITS: tuple[str, ...] = ("search", "validation", "test")
+
+
+class TaskSpec(BaseModel):
+    """One task of a fitness: a zoo task by its name, JSONL files per split, or an lm-eval task."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(1.0, ge=0.0)
+    data: dict[str, str] | None = None
+    lm_eval: str | None = None
+    metric: str = "acc"
+
+    @field_validator("data")
+    @classmethod
+    def _splits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None:
+            unknown = set(value) - set(SPLITS)
+            if unknown:
+                raise ValueError(f"unknown split(s) {sorted(unknown)}; use {', '.join(SPLITS)}")
+        return value
+
+
+class FitnessConfig(BaseModel):
+    """What a candidate is scored on."""
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: dict[str, TaskSpec]
+    split: Split = "search"
+    samples: int | None = Field(None, ge=1)
+    aggregate: Literal["mean", "min", "pareto"] = "mean"
+    backend: Literal["native", "lm-eval"] = "native"
+    batch_size: int = Field(512, ge=1)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return {name: {} for name in value}
+        if isinstance(value, dict):
+            return {k: ({"weight": v} if isinstance(v, (int, float)) else (v or {})) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _weights(self) -> FitnessConfig:
+        if not self.tasks:
+            raise ValueError("fitness.tasks is empty")
+        if self.aggregate == "mean" and sum(t.weight for t in self.tasks.values()) <= 0:
+            raise ValueError("fitness.tasks weights sum to 0")
+        return self
+
+    @property
+    def objectives(self) -> list[str]:
+        """Names of the objectives: one per task for Pareto search, else one."""
+        return list(self.tasks) if self.aggregate == "pareto" else ["fitness"]
+
+
+@dataclass
+class FitnessResult:
+    fitness: float
+    tasks: dict[str, float]
+    per_sample: dict[str, list[bool]]
+    seconds: float
+    values: list[float] = field(default_factory=list)  # one per objective
+
+    @property
+    def samples(self) -> int:
+        return sum(len(v) for v in self.per_sample.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fitness": self.fitness, "tasks": self.tasks, "seconds": round(self.seconds, 4)}
+
+
+def aggregate(cfg: FitnessConfig, accs: dict[str, float]) -> tuple[float, list[float]]:
+    """The scalar fitness and the objective values of per-task accuracies."""
+    weights = {n: t.weight for n, t in cfg.tasks.items()}
+    if cfg.aggregate == "min":
+        value = min(accs.values())
+    else:
+        total = sum(weights.values()) or 1.0
+        value = sum(weights[n] * a for n, a in accs.items()) / total
+    values = [accs[n] for n in cfg.tasks] if cfg.aggregate == "pareto" else [value]
+    return value, values
+
+
+class Evaluator:
+    """Scores resident models on a fitness; items are loaded and encoded once."""
+
+    def __init__(
+        self,
+        cfg: FitnessConfig,
+        *,
+        zoo_root: Path | None = None,
+        base_dir: Path | None = None,
+        seed: int = 0,
+        split: str | None = None,
+        backend: str | None = None,
+    ):
+        self.cfg = cfg
+        self.split = split or cfg.split
+        self.backend = backend or cfg.backend
+        self.zoo_root = zoo_root
+        self.base_dir = base_dir or Path.cwd()
+        self.seed = seed
+        self._zoo: dict | None = None
+        self.items: dict[str, list[Item]] = {}
+        self.lm_tasks: dict[str, LmEvalTask] = {}
+        self.order: dict[str, list[int]] = {}
+        for name, spec in cfg.tasks.items():
+            self._resolve(name, spec)
+        self._encoded: dict[str, Any] = {}
+        self._encoded_for: int | None = None
+
+    # ---- task resolution ------------------------------------------------
+    def _zoo_manifest(self) -> dict | None:
+        if self._zoo is None and self.zoo_root is not None:
+            from evomerge.fitness.zoo import load_zoo
+
+            self._zoo = load_zoo(self.zoo_root)
+        return self._zoo
+
+    def _path(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+    def _resolve(self, name: str, spec: TaskSpec) -> None:
+        zoo = self._zoo_manifest()
+        zoo_task = zoo["tasks"].get(name) if zoo else None
+        if self.backend == "lm-eval":
+            task = spec.lm_eval or (str(self.zoo_root / zoo_task["lm_eval"]) if zoo_task and self.zoo_root else None)
+            if task is None:
+                raise EvomergeError(f"fitness.tasks.{name}: no lm_eval task given and '{name}' is not a zoo task")
+            lm = LmEvalTask(str(self._path(task)) if task.endswith((".yaml", ".yml")) else task, spec.metric)
+            self.lm_tasks[name] = lm
+            if spec.data or zoo_task:
+                n = len(self._native_items(name, spec, zoo_task))
+            else:
+                n = self._lm_eval_size(lm)
+            self.order[name] = self._pick(name, n)
+            return
+        self.items[name] = self._native_items(name, spec, zoo_task)
+        self.order[name] = self._pick(name, len(self.items[name]))
+
+    def _native_items(self, name: str, spec: TaskSpec, zoo_task: dict | None) -> list[Item]:
+        if spec.data is not None:
+            if self.split not in spec.data:
+                raise EvomergeError(f"fitness.tasks.{name}.data has no '{self.split}' split")
+            return read_jsonl(self._path(spec.data[self.split]))
+        if zoo_task is not None and self.zoo_root is not None:
+            return read_jsonl(self.zoo_root / zoo_task[self.split])
+        raise EvomergeError(
+            f"fitness.tasks.{name}: not a zoo task and no data: files given (the native backend needs JSONL data)"
+        )
+
+    def _lm_eval_size(self, lm: LmEvalTask) -> int:
+        raise EvomergeError(
+            f"lm-eval task '{lm.task}': give data: files or samples: so evomerge knows which documents to score"
+        )
+
+    def _pick(self, name: str, n: int) -> list[int]:
+        """A seeded permutation of the split (its first ``samples`` entries when set)."""
+        order = list(range(n))
+        random.Random(f"{self.seed}:{name}:{self.split}").shuffle(order)
+        return order[: self.cfg.samples] if self.cfg.samples else order
+
+    # ---- scoring ----------------------------------------------------------
+    def evaluate(self, model, tokenizer, *, fraction: float = 1.0) -> FitnessResult:
+        """Score ``model`` on every task (the first ``fraction`` of each task's samples)."""
+        start = time.perf_counter()
+        per_sample: dict[str, list[bool]] = {}
+        if self.backend == "lm-eval":
+            from evomerge.fitness.lmeval import LmEvalScorer
+
+            idx = {n: self._head(n, fraction) for n in self.lm_tasks}
+            scores = LmEvalScorer(model, tokenizer, batch_size=self.cfg.batch_size).score(
+                self.lm_tasks, self.split, idx
+            )
+            per_sample = {n: [s >= 0.5 for s in v] for n, v in scores.items()}
+        else:
+            from evomerge.fitness.native import score
+
+            for name in self.items:
+                enc = self._encode(name, tokenizer).subset(range(len(self._head(name, fraction))))
+                per_sample[name] = score(model, enc, batch_size=self.cfg.batch_size).tolist()
+        accs = {n: (sum(v) / len(v) if v else 0.0) for n, v in per_sample.items()}
+        value, values = aggregate(self.cfg, accs)
+        return FitnessResult(value, accs, per_sample, time.perf_counter() - start, values)
+
+    def _head(self, name: str, fraction: float) -> list[int]:
+        order = self.order[name]
+        return order[: max(1, round(len(order) * fraction))]
+
+    def _encode(self, name: str, tokenizer):
+        from evomerge.fitness.native import encode
+
+        if self._encoded_for != id(tokenizer):
+            self._encoded, self._encoded_for = {}, id(tokenizer)
+        if name not in self._encoded:
+            self._encoded[name] = encode(tokenizer, [self.items[name][i] for i in self.order[name]])
+        return self._encoded[name]
+
+
+def accuracy_table(model, tokenizer, files: dict[str, dict[str, Path]]) -> dict[str, dict[str, float]]:
+    """Native accuracy of ``model`` on every task and split given as JSONL files."""
+    from evomerge.fitness.native import encode, score
+
+    out: dict[str, dict[str, float]] = {}
+    for task, splits in files.items():
+        out[task] = {}
+        for split, path in splits.items():
+            hits = score(model, encode(tokenizer, read_jsonl(path)))
+            out[task][split] = round(float(hits.float().mean()), 4)
+    return out

@@ -1,0 +1,95 @@
+"""Scoring a resident model on lm-evaluation-harness tasks, fully offline.
+
+The model object is wrapped in ``HFLM(pretrained=model, tokenizer=tok)``; tasks
+are names of lm-eval tasks or YAML files (their folders go on ``include_path``,
+and the built-in tasks are not indexed unless a task needs them). Documents
+are picked by explicit indices (lm-eval's ``samples``), never ``limit``, which
+takes the first N; bootstrap is off. Returns per-document results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from evomerge.errors import EvomergeError
+
+
+@dataclass(frozen=True)
+class LmEvalTask:
+    """An lm-eval task: a YAML file or a registered task name, and the metric to read."""
+
+    task: str
+    metric: str = "acc"
+
+    @property
+    def yaml_path(self) -> Path | None:
+        return Path(self.task) if self.task.endswith((".yaml", ".yml")) else None
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _task_config(spec: LmEvalTask, split: str) -> dict | str:
+    """A YAML task as a config dict with ``test_split`` set to ``split``; a name as is."""
+    path = spec.yaml_path
+    if path is None:
+        return spec.task
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise EvomergeError(f"{path}: cannot read lm-eval task YAML: {err}") from None
+    if not isinstance(cfg, dict) or "task" not in cfg:
+        raise EvomergeError(f"{path}: an lm-eval task YAML needs a 'task' field")
+    cfg = dict(cfg)
+    cfg["test_split"] = split
+    return cfg
+
+
+class LmEvalScorer:
+    """Per-document scores of a resident model on lm-eval tasks."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64):
+        _offline()
+        from lm_eval.models.huggingface import HFLM
+
+        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+    def score(
+        self, specs: dict[str, LmEvalTask], split: str, indices: dict[str, Sequence[int]]
+    ) -> dict[str, list[float]]:
+        """For each named task, the metric of each document in ``indices[name]`` (in that order)."""
+        from lm_eval.evaluator import evaluate
+        from lm_eval.tasks import TaskManager, get_task_dict
+
+        needs_builtin = any(s.yaml_path is None for s in specs.values())
+        includes = sorted({str(s.yaml_path.parent) for s in specs.values() if s.yaml_path is not None})
+        manager = TaskManager(include_path=includes or None, include_defaults=needs_builtin, verbosity="ERROR")
+        configs = [_task_config(s, split) for s in specs.values()]
+        try:
+            task_dict = get_task_dict(configs, manager)
+        except Exception as err:  # lm-eval raises many kinds for unknown or broken tasks
+            raise EvomergeError(f"lm-eval could not load tasks {list(specs)}: {str(err).splitlines()[0]}") from None
+        lm_names = {name: self._task_name(cfg) for name, cfg in zip(specs, configs)}
+        samples = {lm_names[n]: list(map(int, idx)) for n, idx in indices.items()}
+        results = evaluate(self.lm, task_dict, samples=samples, bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+        if results is None:
+            raise EvomergeError("lm-eval returned no results")
+        out: dict[str, list[float]] = {}
+        for name, spec in specs.items():
+            rows = {int(r["doc_id"]): float(r[spec.metric]) for r in results["samples"][lm_names[name]]}
+            out[name] = [rows[i] for i in samples[lm_names[name]]]
+        return out
+
+    @staticmethod
+    def _task_name(cfg: dict | str) -> str:
+        return cfg["task"] if isinstance(cfg, dict) else cfg

@@ -1,0 +1,67 @@
+"""The native batched scorer: exact match of the greedy continuation in one forward pass.
+
+For a prompt p and gold answer a, the greedy continuation equals a exactly when,
+teacher-forced on p + a, the argmax at every answer position is the answer token
+(greedy decoding would emit a[0], then, given it, a[1], and so on). One padded
+forward pass per batch therefore scores what ``generate()`` would, without the
+decoding loop. Items are encoded once and reused for every candidate model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from evomerge.fitness.tasks import Item
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Right-padded inputs (prompt + answer minus its last token) and answer targets."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    target: torch.Tensor  # answer token at each answer position, -1 elsewhere
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def subset(self, rows: Sequence[int]) -> Encoded:
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        ids, mask, target = self.ids[index], self.mask[index], self.target[index]
+        width = int(mask.sum(dim=1).max()) if len(index) else 1
+        return Encoded(ids[:, :width], mask[:, :width], target[:, :width])
+
+
+def encode(tokenizer, items: Sequence[Item]) -> Encoded:
+    """Encode items with ``tokenizer`` (no special tokens, as lm-eval's loglikelihood does)."""
+    prompts = tokenizer([i.prompt for i in items], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([i.answer for i in items], add_special_tokens=False)["input_ids"]
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    width = max(len(s) for s in seqs) - 1
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(items), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    target = torch.full((len(items), width), -1, dtype=torch.long)
+    for row, (p, s) in enumerate(zip(prompts, seqs)):
+        n = len(s) - 1
+        ids[row, :n] = torch.tensor(s[:-1])
+        mask[row, :n] = 1
+        target[row, len(p) - 1 : n] = torch.tensor(s[len(p) :])
+    return Encoded(ids, mask, target)
+
+
+@torch.no_grad()
+def score(model, batch: Encoded, *, batch_size: int = 512) -> torch.Tensor:
+    """Exact match of the greedy continuation for each encoded item (bool, on the CPU)."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(batch), batch_size):
+        sl = slice(start, start + batch_size)
+        ids, mask, target = batch.ids[sl].to(device), batch.mask[sl].to(device), batch.target[sl].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        hit = (logits.argmax(-1) == target) | (target < 0)
+        out.append(hit.all(dim=1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)

@@ -1,0 +1,256 @@
+"""The demo zoo: a tiny Llama base pre-trained on synthetic tasks, one specialist per
+task fine-tuned from it, their task data and lm-eval task files, built from code.
+
+The build is deterministic for a seed and recipe, and atomic (a temporary
+directory renamed at the end). ``zoo.json`` records where everything is, the
+accuracy of every model on every split, the recipe's hash and the build time.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from evomerge.errors import EvomergeError
+from evomerge.fitness.data import read_jsonl, write_jsonl
+from evomerge.fitness.tasks import VOCAB, TrainSampler, held_out
+from evomerge.fitness.tokenizer import save_tokenizer
+
+SPLITS = ("search", "validation", "test")
+ZOO_VERSION = 1  # bump when the build code changes what it produces
+
+
+class Specialist(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: str
+    steps: int
+    lr: float
+
+
+class ZooRecipe(BaseModel):
+    """Everything that determines the zoo; its hash decides whether to rebuild."""
+
+    model_config = ConfigDict(extra="forbid")
+    hidden: int = 128
+    intermediate: int = 512
+    layers: int = 4
+    heads: int = 4
+    tasks: list[str] = ["add", "rev", "sort"]
+    base_mix: dict[str, float] = {"cp": 6.0, "add": 3.0, "rev": 0.4, "sort": 0.4}
+    base_steps: int = 1500
+    base_lr: float = 3e-3
+    batch: int = 64
+    specialists: list[Specialist] = [
+        Specialist(task="add", steps=300, lr=2e-4),
+        Specialist(task="rev", steps=250, lr=1.5e-4),
+        Specialist(task="sort", steps=120, lr=1e-4),
+    ]
+    split_items: dict[str, int] = {"search": 500, "validation": 500, "test": 500}
+    seed: int = 0
+
+    def digest(self) -> str:
+        raw = json.dumps({"v": ZOO_VERSION, **self.model_dump()}, sort_keys=True)
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+TINY = ZooRecipe(
+    hidden=32,
+    intermediate=64,
+    layers=2,
+    heads=2,
+    base_steps=120,
+    base_lr=5e-3,
+    batch=32,
+    specialists=[
+        Specialist(task="add", steps=30, lr=1e-3),
+        Specialist(task="rev", steps=20, lr=1e-3),
+        Specialist(task="sort", steps=10, lr=1e-3),
+    ],
+    split_items={"search": 60, "validation": 40, "test": 60},
+)
+
+
+def default_zoo_dir() -> Path:
+    """The per-user cache directory for the demo zoo."""
+    root = os.environ.get("EVOMERGE_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "evomerge" / "zoo"
+
+
+def _llama(recipe: ZooRecipe):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=recipe.hidden,
+        intermediate_size=recipe.intermediate,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=VOCAB.index("."),
+        architectures=["LlamaForCausalLM"],
+    )
+    torch.manual_seed(recipe.seed)
+    return LlamaForCausalLM(cfg)
+
+
+def _lm_eval_yaml(task: str, files: dict[str, Path]) -> str:
+    data_files = "\n".join(f"    {split}: {path}" for split, path in files.items())
+    return (
+        f"# lm-evaluation-harness task for the evomerge demo zoo's '{task}' task.\n"
+        f"task: zoo_{task}\n"
+        "dataset_path: json\n"
+        "dataset_kwargs:\n"
+        "  data_files:\n"
+        f"{data_files}\n"
+        "test_split: test\n"
+        "validation_split: validation\n"
+        "output_type: loglikelihood\n"
+        'doc_to_text: "{{prompt}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        'target_delimiter: ""\n'
+        "metric_list:\n"
+        "  - metric: acc\n"
+        "    aggregation: mean\n"
+        "    higher_is_better: true\n"
+        "metadata:\n"
+        "  version: 1.0\n"
+    )
+
+
+def _write_data(recipe: ZooRecipe, root: Path) -> tuple[dict[str, dict[str, str]], set[str]]:
+    exclude: set[str] = set()
+    tasks: dict[str, dict[str, str]] = {}
+    data = root / "data"
+    data.mkdir()
+    for task in recipe.tasks:
+        entry: dict[str, str] = {}
+        files: dict[str, Path] = {}
+        for split in SPLITS:
+            items = held_out(task, recipe.split_items[split], recipe.seed + SPLITS.index(split), exclude)
+            rel = Path("data") / f"{task}.{split}.jsonl"
+            write_jsonl(root / rel, items)
+            entry[split] = str(rel)
+            files[split] = rel
+        yaml_rel = Path("data") / f"zoo_{task}.yaml"
+        entry["lm_eval"] = str(yaml_rel)
+        tasks[task] = entry
+    return tasks, exclude
+
+
+def write_lm_eval_yamls(root: Path, tasks: dict[str, dict[str, str]]) -> None:
+    """(Re)write the lm-eval YAMLs with absolute paths to where the zoo lies now."""
+    for task, entry in tasks.items():
+        files = {s: (root / entry[s]).resolve() for s in SPLITS}
+        (root / entry["lm_eval"]).write_text(_lm_eval_yaml(task, files))
+
+
+def _save(model, tokenizer_dir: Path, path: Path) -> str:
+    model.save_pretrained(path, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    return str(path.name)
+
+
+def build_zoo(
+    out: Path, recipe: ZooRecipe | None = None, *, threads: int | None = None, log: Callable[[str], None] = print
+) -> dict:
+    """Build the zoo into ``out`` atomically; return the contents of zoo.json."""
+    from evomerge.fitness.evaluate import accuracy_table
+    from evomerge.operators.writer import atomic_directory
+
+    recipe = recipe or ZooRecipe()
+    start = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    out = out.resolve()
+    with atomic_directory(out, overwrite=True) as tmp:
+        tasks, exclude = _write_data(recipe, tmp)
+        tok_dir = tmp / ".tokenizer"
+        save_tokenizer(tok_dir)
+        sampler = TrainSampler(recipe.seed, exclude)
+        base = _llama(recipe)
+        loss = _train(base, sampler, recipe.base_mix, recipe.base_steps, recipe.base_lr, recipe.batch)
+        log(
+            f"zoo: base trained ({recipe.base_steps} steps, final loss {loss:.3f}, {time.perf_counter() - start:.0f} s)"
+        )
+        models = {"base": {"path": _save(base, tok_dir, tmp / "base")}}
+        for spec in recipe.specialists:
+            ft = copy.deepcopy(base)
+            loss = _train(ft, sampler, {spec.task: 1.0}, spec.steps, spec.lr, recipe.batch)
+            models[spec.task] = {"path": _save(ft, tok_dir, tmp / spec.task)}
+            log(f"zoo: specialist '{spec.task}' trained ({spec.steps} steps, loss {loss:.3f})")
+        for f in tok_dir.iterdir():
+            f.unlink()
+        tok_dir.rmdir()
+        write_lm_eval_yamls(tmp, tasks)
+        for entry in models.values():
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            path = tmp / entry["path"]
+            model = AutoModelForCausalLM.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(path)
+            entry["accuracy"] = accuracy_table(
+                model, tok, {t: {s: tmp / e[s] for s in SPLITS} for t, e in tasks.items()}
+            )
+        manifest = {
+            "recipe": recipe.model_dump(),
+            "recipe_hash": recipe.digest(),
+            "models": models,
+            "tasks": tasks,
+            "build_seconds": round(time.perf_counter() - start, 1),
+        }
+        (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    # lm-eval YAMLs carry absolute paths: point them at the final location
+    write_lm_eval_yamls(out, tasks)
+    return manifest
+
+
+def _train(model, sampler: TrainSampler, mix, steps: int, lr: float, batch: int) -> float:
+    from evomerge.fitness.train import train
+
+    return train(model, sampler, mix, steps=steps, lr=lr, batch=batch)
+
+
+def load_zoo(root: Path) -> dict:
+    """zoo.json of the zoo at ``root``."""
+    path = root / "zoo.json"
+    if not path.is_file():
+        raise EvomergeError(f"{root}: no zoo here (run 'evomerge zoo' to build it)")
+    return json.loads(path.read_text())
+
+
+def zoo_is_current(root: Path, recipe: ZooRecipe) -> bool:
+    try:
+        return load_zoo(root).get("recipe_hash") == recipe.digest()
+    except (EvomergeError, json.JSONDecodeError):
+        return False
+
+
+def ensure_zoo(root: Path | None = None, recipe: ZooRecipe | None = None, *, force: bool = False, log=print) -> Path:
+    """Build the zoo at ``root`` unless it is there and built from the same recipe."""
+    root = (root or default_zoo_dir()).resolve()
+    recipe = recipe or ZooRecipe()
+    if force or not zoo_is_current(root, recipe):
+        build_zoo(root, recipe, log=log)
+    return root
+
+
+def task_items(root: Path, task: str, split: str):
+    manifest = load_zoo(root)
+    try:
+        rel = manifest["tasks"][task][split]
+    except KeyError:
+        raise EvomergeError(f"zoo at {root} has no task '{task}' split '{split}'") from None
+    return read_jsonl(root / rel)
