@@ -52,7 +52,56 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_merge)
 
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_merge]
+def _zoo(args: argparse.Namespace) -> int:
+    from evomerge.fitness.zoo import TINY, ZooRecipe, default_zoo_dir, ensure_zoo, load_zoo
+
+    recipe = (TINY if args.preset == "tiny" else ZooRecipe()).model_copy(update={"seed": args.seed})
+    root = ensure_zoo(Path(args.out) if args.out else default_zoo_dir(), recipe, force=args.force)
+    manifest = load_zoo(root)
+    print(f"zoo at {root} (built in {manifest['build_seconds']} s)")
+    tasks = list(manifest["tasks"])
+    print(f"{'model':10s} " + " ".join(f"{t + '/' + s[:4]:>10s}" for t in tasks for s in ("search", "test")))
+    for name, entry in manifest["models"].items():
+        accs = entry["accuracy"]
+        print(f"{name:10s} " + " ".join(f"{accs[t][s]:10.3f}" for t in tasks for s in ("search", "test")))
+    return 0
+
+
+def _add_zoo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zoo", help="build the demo zoo (tiny models trained on the CPU) if missing or stale")
+    p.add_argument("--out", help="zoo directory (default: the per-user cache)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument("--preset", choices=["demo", "tiny"], default="demo", help=argparse.SUPPRESS)
+    p.set_defaults(func=_zoo)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from evomerge.experiments.config import load_config
+    from evomerge.fitness.scoring import evaluate_model_dir
+
+    cfg = load_config(args.config)
+    result = evaluate_model_dir(Path(args.model_dir), cfg, split=args.split, backend=args.backend)
+    print(f"{'task':12s} {'accuracy':>9s} {'samples':>8s}")
+    for task, acc in result.tasks.items():
+        print(f"{task:12s} {acc:9.4f} {len(result.per_sample[task]):8d}")
+    print(f"{'fitness':12s} {result.fitness:9.4f}")
+    print(json.dumps(result.to_json()))
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score a model directory on an experiment's fitness")
+    p.add_argument("model_dir")
+    p.add_argument("--config", required=True, help="experiment config YAML (its fitness: section is used)")
+    p.add_argument("--split", choices=["search", "validation", "test"], default=None)
+    p.add_argument("--backend", choices=["native", "lm-eval"], default=None)
+    p.set_defaults(func=_eval)
+
+
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_merge, _add_zoo, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,21 +73,23 @@ class LmEvalScorer:
 
         needs_builtin = any(s.yaml_path is None for s in specs.values())
         includes = sorted({str(s.yaml_path.parent) for s in specs.values() if s.yaml_path is not None})
-        manager = TaskManager(include_path=includes or None, include_defaults=needs_builtin, verbosity="ERROR")
+        manager = TaskManager(include_path=includes or None, include_defaults=needs_builtin)
         configs = [_task_config(s, split) for s in specs.values()]
         try:
             task_dict = get_task_dict(configs, manager)
         except Exception as err:  # lm-eval raises many kinds for unknown or broken tasks
             raise EvomergeError(f"lm-eval could not load tasks {list(specs)}: {str(err).splitlines()[0]}") from None
         lm_names = {name: self._task_name(cfg) for name, cfg in zip(specs, configs)}
-        samples = {lm_names[n]: list(map(int, idx)) for n, idx in indices.items()}
+        # lm-eval 0.4.13 walks the selected documents in index order but labels them with
+        # doc_ids in the order given: pass sorted indices so that the labels are right.
+        samples = {lm_names[n]: sorted(set(map(int, idx))) for n, idx in indices.items()}
         results = evaluate(self.lm, task_dict, samples=samples, bootstrap_iters=0, log_samples=True, verbosity="ERROR")
         if results is None:
             raise EvomergeError("lm-eval returned no results")
         out: dict[str, list[float]] = {}
         for name, spec in specs.items():
             rows = {int(r["doc_id"]): float(r[spec.metric]) for r in results["samples"][lm_names[name]]}
-            out[name] = [rows[i] for i in samples[lm_names[name]]]
+            out[name] = [rows[int(i)] for i in indices[name]]
         return out
 
     @staticmethod

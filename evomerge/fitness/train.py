@@ -49,7 +49,7 @@ def train(
 ) -> float:
     """Train ``model`` in place; return the mean loss of the last 10% of steps."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     warmup = max(1, int(steps * warmup_frac))
     tail: list[float] = []
     for step in range(steps):
@@ -59,9 +59,8 @@ def train(
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step >= steps * 0.9:
-            tail.append(float(loss))
+            tail.append(loss.item())
     model.eval()
     return sum(tail) / max(1, len(tail))

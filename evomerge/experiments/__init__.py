@@ -1,0 +1,1 @@
+"""Experiments: config, run directory, resume, MLflow lineage, export, reports."""

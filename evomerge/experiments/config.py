@@ -1,0 +1,180 @@
+"""The experiment config: one YAML file, read into pydantic models.
+
+Sections: ``name``, ``zoo`` (where the demo zoo lives, when a model is named
+``zoo:<name>``), ``models`` and ``base_model``, ``merge`` (the method(s) and
+which operator parameters to search), ``fitness``, ``search`` (sampler, seed,
+budget, pruning) and the execution (``workers``, ``device``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import EvomergeError
+from evomerge.fitness.evaluate import FitnessConfig
+from evomerge.operators.recipe import DTYPES, load_yaml
+
+ZOO_PREFIX = "zoo:"
+
+
+class Bounds(BaseModel):
+    """A searched parameter's range (``low`` to ``high``), or a fixed ``value``."""
+
+    model_config = ConfigDict(extra="forbid")
+    low: float | None = None
+    high: float | None = None
+    value: float | bool | None = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _either(self) -> Bounds:
+        if self.value is None and (self.low is None) != (self.high is None):
+            raise ValueError("give both low and high, or a fixed value")
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class MergeSpace(BaseModel):
+    """Which merges the search may propose."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str | list[str] = "task_arithmetic"
+    parameters: dict[str, Bounds | float | bool] = Field(default_factory=dict)
+    granularity: Literal["model", "filters"] | int = "model"
+    filters: list[str] = Field(default_factory=lambda: ["self_attn", "mlp"])
+    dtype: str = "float32"
+
+    @property
+    def methods(self) -> list[str]:
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"unknown dtype '{value}'; use one of {', '.join(DTYPES)}")
+        return value
+
+    @field_validator("granularity")
+    @classmethod
+    def _granularity(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("a layer-group granularity must be at least 1 layer")
+        return value
+
+
+class Pruning(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    fractions: list[float] = Field(default_factory=lambda: [0.25, 1.0])
+    pruner: Literal["median", "successive_halving"] = "successive_halving"
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < f <= 1 for f in value) or value != sorted(value) or value[-1] != 1.0:
+            raise ValueError("fractions must rise within (0, 1] and end at 1.0")
+        return value
+
+
+class SearchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sampler: Literal["cmaes", "tpe", "nsgaii", "random"] = "cmaes"
+    seed: int = 0
+    trials: int | None = Field(60, ge=1)
+    timeout_minutes: float | None = Field(None, gt=0)
+    population: int | None = Field(None, ge=2)
+    trial_timeout_s: float = Field(600.0, gt=0)
+    rerank_top: int = Field(5, ge=1)
+    pruning: Pruning = Field(default_factory=Pruning)
+
+    @model_validator(mode="after")
+    def _budget(self) -> SearchConfig:
+        if self.trials is None and self.timeout_minutes is None:
+            raise ValueError("give a budget: trials, timeout_minutes, or both")
+        return self
+
+
+class ExperimentConfig(BaseModel):
+    """A merge-search experiment."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "experiment"
+    zoo: str | None = None
+    models: list[str] = Field(min_length=1)
+    base_model: str | None = None
+    merge: MergeSpace = Field(default_factory=MergeSpace)
+    fitness: FitnessConfig
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    workers: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads_per_worker: int | None = Field(None, ge=1)
+
+    # set by load(): the directory relative paths are resolved against
+    source_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value or any(c in value for c in "/\\") or value.startswith("."):
+            raise ValueError(f"name '{value}' must be a plain name (no slashes)")
+        return value
+
+    def uses_zoo(self) -> bool:
+        refs = [*self.models, self.base_model or ""]
+        return any(r.startswith(ZOO_PREFIX) for r in refs) or self.zoo is not None
+
+    def zoo_dir(self) -> Path | None:
+        if not self.uses_zoo():
+            return None
+        from evomerge.fitness.zoo import default_zoo_dir
+
+        return self.resolve_path(self.zoo) if self.zoo else default_zoo_dir()
+
+    def resolve_path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.source_dir / p).resolve()
+
+    def resolve_model(self, ref: str) -> Path:
+        """A model reference as a directory: ``zoo:<name>`` or a path (relative to the config)."""
+        if ref.startswith(ZOO_PREFIX):
+            from evomerge.fitness.zoo import load_zoo
+
+            zoo = self.zoo_dir()
+            assert zoo is not None
+            name = ref[len(ZOO_PREFIX) :]
+            models = load_zoo(zoo)["models"]
+            if name not in models:
+                raise EvomergeError(f"models: '{ref}' is not in the zoo at {zoo} (it has {', '.join(models)})")
+            return zoo / models[name]["path"]
+        return self.resolve_path(ref)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate an experiment config; errors name the file and the field."""
+    p = Path(path)
+    data = load_yaml(p)
+    if not isinstance(data, dict):
+        raise EvomergeError(f"{p}: an experiment config must be a YAML mapping")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise EvomergeError(f"{p}: {loc}: {first['msg'].removeprefix('Value error, ')}") from None
+    cfg.source_dir = p.resolve().parent
+    return cfg

@@ -1,0 +1,52 @@
+"""Loading a model directory and scoring it on an experiment's fitness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from evomerge.errors import EvomergeError, ModelError
+from evomerge.fitness.evaluate import Evaluator, FitnessResult
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EvomergeError("device 'cuda' was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype | None = None):
+    """A causal LM and its tokenizer from a local directory; remote code is never run."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ModelError(f"model path '{path}' is not a model directory (no config.json)")
+    if "auto_map" in json.loads(cfg.read_text()):
+        raise ModelError(f"{cfg}: the model asks for remote code (auto_map), which evomerge never runs")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: cannot load model: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def evaluate_model_dir(path: Path, cfg, *, split: str | None = None, backend: str | None = None) -> FitnessResult:
+    """Score the model at ``path`` on ``cfg.fitness`` (an :class:`ExperimentConfig`)."""
+    device = pick_device(cfg.device)
+    evaluator = Evaluator(
+        cfg.fitness,
+        zoo_root=cfg.zoo_dir(),
+        base_dir=cfg.source_dir,
+        seed=cfg.search.seed,
+        split=split,
+        backend=backend,
+    )
+    model, tokenizer = load_model(path, device)
+    return evaluator.evaluate(model, tokenizer)

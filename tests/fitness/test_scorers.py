@@ -1,0 +1,78 @@
+"""The native scorer agrees with greedy generate() and with lm-eval, sample by sample."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from evomerge.fitness.data import write_jsonl
+from evomerge.fitness.lmeval import LmEvalScorer, LmEvalTask
+from evomerge.fitness.native import encode, score
+from evomerge.fitness.tasks import VOCAB, Item
+from evomerge.fitness.tokenizer import build_tokenizer
+from evomerge.fitness.zoo import TINY, _llama, _lm_eval_yaml
+
+CHARS = VOCAB[2:]
+
+
+@pytest.fixture(scope="module")
+def model_and_items():
+    """A random tiny model and items whose answers are half its own greedy output, half not."""
+    tok = build_tokenizer()
+    model = _llama(TINY.model_copy(update={"seed": 3})).eval()
+    with torch.no_grad():  # decisive logits: a random init has near-ties that rounding can flip
+        model.lm_head.weight.mul_(200.0)
+    rng = random.Random(0)
+    items: list[Item] = []
+    while len(items) < 80:
+        prompt = "".join(rng.choice(CHARS) for _ in range(rng.randint(3, 8)))
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+        n = rng.randint(1, 3)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+        new = out[0, ids.shape[1] :].tolist()
+        if any(t < 2 for t in new):  # a special token: no text answer to compare
+            continue
+        answer = "".join(VOCAB[t] for t in new)
+        if len(items) % 2:
+            wrong = rng.choice([c for c in CHARS if c != answer[-1]])
+            answer = answer[:-1] + wrong
+        items.append(Item(prompt, answer))
+    return model, tok, items
+
+
+def _generate_hits(model, tok, items):
+    hits = []
+    for item in items:
+        ids = torch.tensor([tok(item.prompt, add_special_tokens=False)["input_ids"]])
+        n = len(tok(item.answer, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+        hits.append(tok.decode(out[0, ids.shape[1] :]) == item.answer)
+    return hits
+
+
+def test_native_matches_generate(model_and_items):
+    model, tok, items = model_and_items
+    native = score(model, encode(tok, items), batch_size=16).tolist()
+    assert native == _generate_hits(model, tok, items)
+    assert 0 < sum(native) < len(native)
+
+
+@pytest.mark.slow
+def test_native_matches_lm_eval_per_sample(model_and_items, tmp_path):
+    model, tok, items = model_and_items
+    files = {}
+    for split in ("search", "validation", "test"):
+        files[split] = tmp_path / f"t.{split}.jsonl"
+        write_jsonl(files[split], items)
+    yaml_path = tmp_path / "zoo_t.yaml"
+    yaml_path.write_text(_lm_eval_yaml("t", files))
+    native = score(model, encode(tok, items)).tolist()
+    order = list(range(len(items)))
+    random.Random(1).shuffle(order)
+    pick = order[:50]
+    lm = LmEvalScorer(model, tok, batch_size=32).score({"t": LmEvalTask(str(yaml_path))}, "test", {"t": pick})
+    assert [v >= 0.5 for v in lm["t"]] == [native[i] for i in pick]
