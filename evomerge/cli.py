@@ -101,7 +101,57 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_eval)
 
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_merge, _add_zoo, _add_eval]
+def _run(args: argparse.Namespace) -> int:
+    from evomerge.experiments.config import load_config
+    from evomerge.experiments.run import RunOptions, run_experiment
+
+    overrides = {
+        key: value
+        for key, value in {
+            "search.trials": args.trials,
+            "search.sampler": args.sampler,
+            "search.seed": args.seed,
+            "workers": args.workers,
+        }.items()
+        if value is not None
+    }
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    summary = run_experiment(cfg, out, RunOptions(ray_address=args.ray_address, quiet=args.quiet))
+    _print_summary(summary, out)
+    return 0
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    def fmt(x):
+        return "-" if x is None else f"{x:.4f}"
+
+    print(f"\n{'candidate':24s} {'search':>8s} {'test':>8s}")
+    print(f"{'best (trial ' + str(summary['best_trial']) + ')':24s} {fmt(summary['best_fitness']):>8s} "
+          f"{fmt(summary['best_test_fitness']):>8s}")
+    for name, row in {**summary["baselines"], **summary["sources"]}.items():
+        print(f"{name:24s} {fmt(row['fitness']):>8s} {fmt(row['test_fitness']):>8s}")
+    t = summary["trials"]
+    print(f"\ntrials: {t['complete']} complete, {t['pruned']} pruned, {t['failed']} failed; "
+          f"workers busy {summary['worker_busy_fraction']:.0%}; {summary['wall_seconds']:.0f} s")
+    print(f"results: {out / 'summary.json'}")
+    print(f"best recipe (mergekit YAML): {summary['best_recipe']}")
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a merge search from an experiment config")
+    p.add_argument("config", help="experiment config YAML")
+    p.add_argument("--out", help="run directory (default: runs/<name>)")
+    p.add_argument("--trials", type=int, help="override search.trials")
+    p.add_argument("--workers", type=int, help="override workers")
+    p.add_argument("--sampler", choices=["cmaes", "tpe", "nsgaii", "random"], help="override search.sampler")
+    p.add_argument("--seed", type=int, help="override search.seed")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (default: RAY_ADDRESS or local)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run)
+
+
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_merge, _add_zoo, _add_eval, _add_run]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,3 +24,13 @@ def deep_family(tmp_path_factory) -> list[Path]:
     from evomerge.testing import make_family
 
     return make_family(tmp_path_factory.mktemp("deep"), 2, seed=10, layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> Path:
+    """The zoo built with the TINY recipe (seconds): the same code as the demo zoo."""
+    from evomerge.fitness.zoo import TINY, build_zoo
+
+    root = tmp_path_factory.mktemp("zoo") / "zoo"
+    build_zoo(root, TINY, log=lambda _: None)
+    return root

@@ -44,14 +44,14 @@ class ZooRecipe(BaseModel):
     layers: int = 4
     heads: int = 4
     tasks: list[str] = ["add", "rev", "sort"]
-    base_mix: dict[str, float] = {"cp": 6.0, "add": 3.0, "rev": 0.4, "sort": 0.4}
-    base_steps: int = 1500
+    base_mix: dict[str, float] = {"cp": 3.0, "add": 4.0, "rev": 0.5, "sort": 0.5}
+    base_steps: int = 1200
     base_lr: float = 3e-3
     batch: int = 64
     specialists: list[Specialist] = [
-        Specialist(task="add", steps=300, lr=2e-4),
-        Specialist(task="rev", steps=250, lr=1.5e-4),
-        Specialist(task="sort", steps=120, lr=1e-4),
+        Specialist(task="add", steps=200, lr=3e-4),
+        Specialist(task="rev", steps=150, lr=2e-4),
+        Specialist(task="sort", steps=120, lr=2e-4),
     ]
     split_items: dict[str, int] = {"search": 500, "validation": 500, "test": 500}
     seed: int = 0

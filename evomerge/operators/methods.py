@@ -235,7 +235,8 @@ def _register_family(
     name: str, sparsifier: Sparsifier, consensus: bool, normalize: bool, rescale: bool, extra: tuple[Param, ...] = ()
 ) -> None:
     """One implementation, configured by (sparsifier x sign consensus)."""
-    params = (WEIGHT, DENSITY, *extra, LAMBDA, _normalize_flag("normalize", normalize), INT8_MASK)
+    sparse = (DENSITY,) if sparsifier is not _sparsify_none else ()
+    params = (WEIGHT, *sparse, *extra, LAMBDA, _normalize_flag("normalize", normalize), INT8_MASK)
     if sparsifier not in (_sparsify_none, _sparsify_magnitude):
         params = (*params, Param("rescale", rescale, kind=bool, doc="keep the L1 norm of tau_i"))
 

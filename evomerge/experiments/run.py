@@ -1,0 +1,231 @@
+"""Running an experiment: the zoo if needed, the study, the worker pool, the search,
+then the final pick (re-ranked on the validation split to guard against
+overfitting the search split) and the test-split scores in ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.experiments.config import ExperimentConfig
+from evomerge.experiments.rundir import RunDir, write_atomic, write_json
+from evomerge.search.loop import Budget, SearchLoop, SearchStats, TrialRecord, trial_seed
+from evomerge.search.space import SearchSpace
+from evomerge.search.worker import Job, JobResult, WorkerSpec
+
+
+@dataclass
+class RunOptions:
+    workers: int | None = None
+    ray_address: str | None = None
+    quiet: bool = False
+    in_process: bool = False  # one worker in this process, no Ray (tests and debugging)
+
+
+@dataclass
+class Prepared:
+    cfg: ExperimentConfig
+    paths: dict[str, str]
+    space: SearchSpace
+    spec: WorkerSpec
+    gpus: bool
+    workers: int
+
+
+def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Prepared:
+    """Build the zoo when needed, resolve the sources and derive the search space."""
+    import torch
+
+    from evomerge.operators.checkpoint import open_checkpoint
+
+    if cfg.uses_zoo():
+        from evomerge.fitness.zoo import ensure_zoo
+
+        zoo = cfg.zoo_dir()
+        assert zoo is not None
+        ensure_zoo(zoo, log=log)
+    refs = list(dict.fromkeys([*([cfg.base_model] if cfg.base_model else []), *cfg.models]))
+    paths = {ref: str(cfg.resolve_model(ref)) for ref in refs}
+    first = open_checkpoint(paths[refs[0]])
+    n_layers = first.num_layers or 1
+    first.close()
+    space = SearchSpace(cfg.merge, cfg.models, cfg.base_model, n_layers)
+    gpus = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    n = workers or cfg.workers
+    if gpus:
+        n = min(n, max(1, torch.cuda.device_count()))
+    threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // n)
+    spec = WorkerSpec(
+        sources=paths,
+        model_ref=refs[0],
+        fitness=cfg.fitness.model_dump(mode="json"),
+        zoo_root=str(cfg.zoo_dir()) if cfg.uses_zoo() else None,
+        base_dir=str(cfg.source_dir),
+        seed=cfg.search.seed,
+        device="cuda" if gpus else "cpu",
+        dtype="bfloat16" if gpus else cfg.merge.dtype,
+        threads=None if gpus else threads,
+    )
+    return Prepared(cfg, paths, space, spec, gpus, n)
+
+
+def open_study(cfg: ExperimentConfig, run: RunDir, prep: Prepared):
+    import optuna
+
+    from evomerge.search.samplers import make_pruner, make_sampler, population_size
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    objectives = len(cfg.fitness.objectives)
+    n_dims = max(len(d) for d in prep.space.dims.values())
+    population = population_size(n_dims, prep.workers, cfg.search.population)
+    sampler = make_sampler(cfg.search.sampler, cfg.search.seed, population=population, objectives=objectives)
+    pruning = cfg.search.pruning
+    if pruning.enabled and objectives > 1:
+        raise EvomergeError("search.pruning works with one objective; turn it off for Pareto search")
+    pruner = make_pruner(pruning.pruner, pruning.enabled, len(pruning.fractions))
+    study = optuna.create_study(
+        storage=run.storage, study_name=cfg.name, sampler=sampler, pruner=pruner,
+        directions=["maximize"] * objectives, load_if_exists=True,
+    )
+    if not study.trials:
+        study.enqueue_trial(prep.space.default_params())  # CMA-ES starts from a sensible point
+    return study
+
+
+def make_dispatcher(prep: Prepared, options: RunOptions):
+    if options.in_process:
+        from evomerge.search.dispatch import InProcessDispatcher
+
+        return InProcessDispatcher(prep.spec)
+    from evomerge.search.ray_pool import RayDispatcher, init_ray
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = {"PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)}
+    cpus = None if options.ray_address else max(os.cpu_count() or 1, prep.workers * (prep.spec.threads or 1))
+    init_ray(options.ray_address, cpus, env_vars=env)
+    return RayDispatcher(prep.spec, prep.workers, gpus=prep.gpus, job_timeout=prep.cfg.search.trial_timeout_s)
+
+
+def run_jobs(dispatcher, jobs: list[Job]) -> dict[int, JobResult]:
+    """Run independent jobs on the pool (final scoring); results by job key."""
+    queue, out = list(jobs), {}
+    while queue or len(out) < len(jobs):
+        while queue and dispatcher.idle() > 0:
+            dispatcher.submit(queue.pop(0))
+        for result in dispatcher.wait(timeout=5.0):
+            out[result.key] = result
+    return out
+
+
+def _source_recipe(path: str, dtype: str) -> dict[str, Any]:
+    return {"merge_method": "linear", "dtype": dtype, "models": [{"model": path, "parameters": {"weight": 1.0}}]}
+
+
+def _named(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
+    """A recipe with model refs replaced by their directories (what mergekit needs)."""
+    text = json.dumps(recipe)
+    for ref, path in sorted(paths.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(json.dumps(ref), json.dumps(path))
+    return json.loads(text)
+
+
+def finalize(prep: Prepared, run: RunDir, study, stats: SearchStats, dispatcher) -> dict[str, Any]:
+    """Re-rank the top candidates on validation, score the pick, sources and default on test."""
+    cfg, space = prep.cfg, prep.space
+    complete = [r for r in stats.records if r.state == "COMPLETE" and r.value is not None]
+    if not complete:
+        complete = _complete_from_study(study, space)
+    if not complete:
+        raise EvomergeError("no trial completed; see the failed trials' errors in the study")
+    top = sorted(complete, key=lambda r: r.value or 0.0, reverse=True)[: cfg.search.rerank_top]
+    seed = cfg.search.seed
+    jobs = [Job(i, r.recipe, seed=trial_seed(seed, r.number), split="validation") for i, r in enumerate(top)]
+    validation = run_jobs(dispatcher, jobs)
+    ranked = sorted(range(len(top)), key=lambda i: (validation[i].value if validation[i].ok else -1, top[i].value))
+    best = top[ranked[-1]]
+    default_recipe = space.recipe(space.default_params()).to_dict()
+    tests = [Job(0, best.recipe, seed=trial_seed(seed, best.number), split="test"),
+             Job(1, default_recipe, seed=trial_seed(seed, -1), split="test")]
+    sources = [r for r in cfg.models]
+    for i, ref in enumerate(sources):
+        tests.append(Job(2 + i, _source_recipe(ref, cfg.merge.dtype), seed=0, split="test"))
+        tests.append(Job(100 + i, _source_recipe(ref, cfg.merge.dtype), seed=0, split=None))
+    tests.append(Job(99, default_recipe, seed=trial_seed(seed, -1), split=None))
+    scored = run_jobs(dispatcher, tests)
+    best_named = _named(best.recipe, prep.paths)
+    from evomerge.operators.recipe import Recipe
+
+    write_atomic(run.best_recipe, Recipe.from_dict(best_named).to_yaml())
+
+    def pair(search: JobResult, test: JobResult) -> dict[str, Any]:
+        return {"fitness": search.value if search.ok else None, "test_fitness": test.value if test.ok else None,
+                "tasks": search.tasks, "test_tasks": test.tasks}
+
+    summary = {
+        "experiment": cfg.name,
+        "best_trial": best.number,
+        "best_fitness": best.value,
+        "best_validation_fitness": validation[ranked[-1]].value,
+        "best_test_fitness": scored[0].value,
+        "best_test_tasks": scored[0].tasks,
+        "best_params": best.params,
+        "best_recipe": str(run.best_recipe.resolve()),
+        "sources": {ref: pair(scored[100 + i], scored[2 + i]) for i, ref in enumerate(sources)},
+        "baselines": {"default_merge": pair(scored[99], scored[1])},
+        "trials": {"complete": stats.complete, "pruned": stats.pruned, "failed": stats.failed},
+        "samples_scored": stats.samples_scored,
+        "worker_busy_fraction": round(stats.busy_seconds / max(1e-9, prep.workers * stats.wall_seconds), 4),
+        "workers": prep.workers,
+        "wall_seconds": round(stats.wall_seconds, 2),
+    }
+    if len(cfg.fitness.objectives) > 1:
+        summary["pareto_front"] = [
+            {"trial": t.number, "values": dict(zip(cfg.fitness.objectives, t.values))} for t in study.best_trials
+        ]
+    write_json(run.summary, summary)
+    return summary
+
+
+def _complete_from_study(study, space: SearchSpace) -> list[TrialRecord]:
+    from optuna.trial import TrialState
+
+    out = []
+    for t in study.get_trials(deep=False, states=[TrialState.COMPLETE]):
+        value = t.values[0] if len(t.values) == 1 else sum(t.values) / len(t.values)
+        out.append(TrialRecord(t.number, "COMPLETE", t.params, space.recipe(t.params).to_dict(), value, t.values,
+                               {}, 0.0, 0.0, 0))
+    return out
+
+
+def run_experiment(cfg: ExperimentConfig, out: Path, options: RunOptions | None = None) -> dict[str, Any]:
+    """Run (or continue) the experiment in ``out``; return the summary."""
+    from evomerge.experiments.progress import ProgressObserver
+
+    options = options or RunOptions()
+    log = (lambda _msg: None) if options.quiet else print
+    run = RunDir(out)
+    prep = prepare(cfg, options.workers, log=log)
+    run.create(cfg)
+    study = open_study(cfg, run, prep)
+    budget = Budget(cfg.search.trials, cfg.search.timeout_minutes * 60 if cfg.search.timeout_minutes else None)
+    dispatcher = make_dispatcher(prep, options)
+    started = time.monotonic()
+    observer = ProgressObserver(budget.trials, prep.workers, quiet=options.quiet)
+    try:
+        loop = SearchLoop(
+            study, prep.space, dispatcher, budget=budget, seed=cfg.search.seed, paths=prep.paths,
+            fractions=cfg.search.pruning.fractions if cfg.search.pruning.enabled else None, observers=[observer],
+        )
+        with observer:
+            stats = loop.run()
+        summary = finalize(prep, run, study, stats, dispatcher)
+    finally:
+        dispatcher.close()
+    summary["total_seconds"] = round(time.monotonic() - started, 2)
+    write_json(run.summary, summary)
+    return summary

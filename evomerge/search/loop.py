@@ -1,0 +1,185 @@
+"""The ask/tell search loop. It knows nothing of Ray or MLflow: a dispatcher runs
+jobs, and observers hear about every finished trial.
+
+Steady state: whenever a worker is idle the loop asks Optuna for a trial (or
+promotes a trial to its next fidelity) and submits it; it tells Optuna each
+result as it arrives. A failed merge or a NaN score is told as FAIL and the
+search goes on. With pruning, a trial is scored on growing fractions of the
+samples, reported at each step, and told PRUNED when the pruner says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from evomerge.search.dispatch import Dispatcher
+from evomerge.search.space import SearchSpace
+from evomerge.search.worker import Job, JobResult
+
+
+@dataclass
+class Budget:
+    trials: int | None = None
+    seconds: float | None = None
+
+
+@dataclass
+class TrialRecord:
+    """What the loop learned about one finished trial."""
+
+    number: int
+    state: str  # COMPLETE, PRUNED, FAIL
+    params: dict[str, Any]
+    recipe: dict[str, Any]
+    value: float | None
+    values: list[float]
+    tasks: dict[str, float]
+    merge_seconds: float
+    score_seconds: float
+    samples: int
+    error: str | None = None
+
+
+@dataclass
+class SearchStats:
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    samples_scored: int = 0
+    busy_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    records: list[TrialRecord] = field(default_factory=list)
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned + self.failed
+
+
+Observer = Callable[[TrialRecord, SearchStats], None]
+
+
+@dataclass
+class _Flight:
+    trial: Any
+    params: dict[str, Any]
+    recipe: dict[str, Any]
+    stage: int = 0
+    merge_seconds: float = 0.0
+    score_seconds: float = 0.0
+    samples: int = 0
+
+
+class SearchLoop:
+    """Runs ask/tell until the budget is spent; ``run`` returns the statistics."""
+
+    def __init__(
+        self,
+        study,
+        space: SearchSpace,
+        dispatcher: Dispatcher,
+        *,
+        budget: Budget,
+        seed: int,
+        paths: dict[str, str],
+        fractions: list[float] | None = None,
+        observers: list[Observer] | None = None,
+    ):
+        self.study = study
+        self.space = space
+        self.dispatcher = dispatcher
+        self.budget = budget
+        self.seed = seed
+        self.paths = paths
+        self.fractions = fractions or [1.0]
+        self.observers = observers or []
+        self.stats = SearchStats()
+        self.flights: dict[int, _Flight] = {}
+        self.promote: list[int] = []
+
+    # ---- helpers -----------------------------------------------------------
+    def _can_ask(self, start: float) -> bool:
+        b = self.budget
+        asked = self.stats.finished + len(self.flights)
+        if b.trials is not None and asked >= b.trials:
+            return False
+        return b.seconds is None or time.monotonic() - start < b.seconds
+
+    def _job(self, number: int, flight: _Flight) -> Job:
+        return Job(number, flight.recipe, seed=trial_seed(self.seed, number), fraction=self.fractions[flight.stage])
+
+    def _ask(self) -> None:
+        trial = self.study.ask()
+        params = self.space.sample(trial)
+        recipe = self.space.recipe(params).to_dict()
+        flight = _Flight(trial, params, recipe)
+        self.flights[trial.number] = flight
+        self.dispatcher.submit(self._job(trial.number, flight))
+
+    def _finish(self, number: int, state: str, result: JobResult) -> None:
+        from optuna.trial import TrialState
+
+        flight = self.flights.pop(number)
+        values = result.values if result.ok else None
+        if state == "COMPLETE":
+            self.study.tell(flight.trial, values if len(values or []) > 1 else result.value)
+            self.stats.complete += 1
+        else:
+            self.study.tell(flight.trial, state=TrialState.PRUNED if state == "PRUNED" else TrialState.FAIL)
+            if state == "PRUNED":
+                self.stats.pruned += 1
+            else:
+                self.stats.failed += 1
+        record = TrialRecord(
+            number, state, flight.params, flight.recipe, result.value if result.ok else None, result.values,
+            result.tasks, flight.merge_seconds, flight.score_seconds, flight.samples, result.error,
+        )
+        self.stats.records.append(record)
+        for observe in self.observers:
+            observe(record, self.stats)
+
+    def _handle(self, result: JobResult) -> None:
+        flight = self.flights[result.key]
+        flight.merge_seconds += result.merge_seconds
+        flight.score_seconds += result.score_seconds
+        flight.samples += result.samples
+        self.stats.samples_scored += result.samples
+        self.stats.busy_seconds += result.merge_seconds + result.score_seconds
+        if not result.ok:
+            self._finish(result.key, "FAIL", result)
+            return
+        last = flight.stage == len(self.fractions) - 1
+        if not last:
+            flight.trial.report(result.value, flight.stage)
+            if flight.trial.should_prune():
+                self._finish(result.key, "PRUNED", result)
+                return
+            flight.stage += 1
+            self.promote.append(result.key)
+            return
+        self._finish(result.key, "COMPLETE", result)
+
+    # ---- the loop ------------------------------------------------------------
+    def run(self) -> SearchStats:
+        start = time.monotonic()
+        try:
+            while True:
+                while self.dispatcher.idle() > 0 and self.promote:
+                    number = self.promote.pop(0)
+                    self.dispatcher.submit(self._job(number, self.flights[number]))
+                while self.dispatcher.idle() > 0 and self._can_ask(start):
+                    self._ask()
+                if not self.flights:
+                    break
+                for result in self.dispatcher.wait(timeout=5.0):
+                    self._handle(result)
+        finally:
+            self.stats.wall_seconds = time.monotonic() - start
+        return self.stats
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The random stream of a trial derives from the experiment seed and the trial number."""
+    return (seed * 1_000_003 + number) & 0x7FFFFFFF
