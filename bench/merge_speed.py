@@ -99,8 +99,10 @@ def main() -> None:
             prev = best.get(name)
             best[name] = (min(wall, prev[0]) if prev else wall, max(rss, prev[1]) if prev else rss)
     floor = best["io_floor"][0]
-    report = {name: {"seconds": round(w, 2), "peak_rss_mib": round(r), "x_io_floor": round(w / floor, 2)}
-              for name, (w, r) in best.items()}
+    report = {
+        name: {"seconds": round(w, 2), "peak_rss_mib": round(r), "x_io_floor": round(w / floor, 2)}
+        for name, (w, r) in best.items()
+    }
     if "mergekit_ties" in best:
         report["ratios"] = {
             "ties_speedup_vs_mergekit": round(best["mergekit_ties"][0] / best["evomerge_ties"][0], 2),

@@ -127,13 +127,17 @@ def _print_summary(summary: dict, out: Path) -> None:
         return "-" if x is None else f"{x:.4f}"
 
     print(f"\n{'candidate':24s} {'search':>8s} {'test':>8s}")
-    print(f"{'best (trial ' + str(summary['best_trial']) + ')':24s} {fmt(summary['best_fitness']):>8s} "
-          f"{fmt(summary['best_test_fitness']):>8s}")
+    print(
+        f"{'best (trial ' + str(summary['best_trial']) + ')':24s} {fmt(summary['best_fitness']):>8s} "
+        f"{fmt(summary['best_test_fitness']):>8s}"
+    )
     for name, row in {**summary["baselines"], **summary["sources"]}.items():
         print(f"{name:24s} {fmt(row['fitness']):>8s} {fmt(row['test_fitness']):>8s}")
     t = summary["trials"]
-    print(f"\ntrials: {t['complete']} complete, {t['pruned']} pruned, {t['failed']} failed; "
-          f"workers busy {summary['worker_busy_fraction']:.0%}; {summary['wall_seconds']:.0f} s")
+    print(
+        f"\ntrials: {t['complete']} complete, {t['pruned']} pruned, {t['failed']} failed; "
+        f"workers busy {summary['worker_busy_fraction']:.0%}; {summary['wall_seconds']:.0f} s"
+    )
     print(f"results: {out / 'summary.json'}")
     print(f"best recipe (mergekit YAML): {summary['best_recipe']}")
 

@@ -51,8 +51,8 @@ class ProgressObserver:
         return Text(self._line(stats))
 
     def __call__(self, record: TrialRecord, stats: SearchStats) -> None:
-        improved = record.state == "COMPLETE" and record.value is not None and (
-            self.best is None or record.value > self.best
+        improved = (
+            record.state == "COMPLETE" and record.value is not None and (self.best is None or record.value > self.best)
         )
         if improved:
             self.best, self.best_trial = record.value, record.number

@@ -89,8 +89,12 @@ def open_study(cfg: ExperimentConfig, run: RunDir, prep: Prepared):
         raise EvomergeError("search.pruning works with one objective; turn it off for Pareto search")
     pruner = make_pruner(pruning.pruner, pruning.enabled, len(pruning.fractions))
     study = optuna.create_study(
-        storage=run.storage, study_name=cfg.name, sampler=sampler, pruner=pruner,
-        directions=["maximize"] * objectives, load_if_exists=True,
+        storage=run.storage,
+        study_name=cfg.name,
+        sampler=sampler,
+        pruner=pruner,
+        directions=["maximize"] * objectives,
+        load_if_exists=True,
     )
     if not study.trials:
         study.enqueue_trial(prep.space.default_params())  # CMA-ES starts from a sensible point
@@ -149,8 +153,10 @@ def finalize(prep: Prepared, run: RunDir, study, stats: SearchStats, dispatcher)
     ranked = sorted(range(len(top)), key=lambda i: (validation[i].value if validation[i].ok else -1, top[i].value))
     best = top[ranked[-1]]
     default_recipe = space.recipe(space.default_params()).to_dict()
-    tests = [Job(0, best.recipe, seed=trial_seed(seed, best.number), split="test"),
-             Job(1, default_recipe, seed=trial_seed(seed, -1), split="test")]
+    tests = [
+        Job(0, best.recipe, seed=trial_seed(seed, best.number), split="test"),
+        Job(1, default_recipe, seed=trial_seed(seed, -1), split="test"),
+    ]
     sources = [r for r in cfg.models]
     for i, ref in enumerate(sources):
         tests.append(Job(2 + i, _source_recipe(ref, cfg.merge.dtype), seed=0, split="test"))
@@ -163,8 +169,12 @@ def finalize(prep: Prepared, run: RunDir, study, stats: SearchStats, dispatcher)
     write_atomic(run.best_recipe, Recipe.from_dict(best_named).to_yaml())
 
     def pair(search: JobResult, test: JobResult) -> dict[str, Any]:
-        return {"fitness": search.value if search.ok else None, "test_fitness": test.value if test.ok else None,
-                "tasks": search.tasks, "test_tasks": test.tasks}
+        return {
+            "fitness": search.value if search.ok else None,
+            "test_fitness": test.value if test.ok else None,
+            "tasks": search.tasks,
+            "test_tasks": test.tasks,
+        }
 
     summary = {
         "experiment": cfg.name,
@@ -195,10 +205,13 @@ def _complete_from_study(study, space: SearchSpace) -> list[TrialRecord]:
     from optuna.trial import TrialState
 
     out = []
-    for t in study.get_trials(deep=False, states=[TrialState.COMPLETE]):
+    for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]):
         value = t.values[0] if len(t.values) == 1 else sum(t.values) / len(t.values)
-        out.append(TrialRecord(t.number, "COMPLETE", t.params, space.recipe(t.params).to_dict(), value, t.values,
-                               {}, 0.0, 0.0, 0))
+        out.append(
+            TrialRecord(
+                t.number, "COMPLETE", t.params, space.recipe(t.params).to_dict(), value, t.values, {}, 0.0, 0.0, 0
+            )
+        )
     return out
 
 
@@ -218,8 +231,14 @@ def run_experiment(cfg: ExperimentConfig, out: Path, options: RunOptions | None 
     observer = ProgressObserver(budget.trials, prep.workers, quiet=options.quiet)
     try:
         loop = SearchLoop(
-            study, prep.space, dispatcher, budget=budget, seed=cfg.search.seed, paths=prep.paths,
-            fractions=cfg.search.pruning.fractions if cfg.search.pruning.enabled else None, observers=[observer],
+            study,
+            prep.space,
+            dispatcher,
+            budget=budget,
+            seed=cfg.search.seed,
+            paths=prep.paths,
+            fractions=cfg.search.pruning.fractions if cfg.search.pruning.enabled else None,
+            observers=[observer],
         )
         with observer:
             stats = loop.run()

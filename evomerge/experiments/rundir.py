@@ -44,7 +44,9 @@ class RunDir:
         digest = hashlib.sha256(text.encode()).hexdigest()
         if self.config.exists():
             if self.config_hash.read_text().strip() != digest:
-                raise EvomergeError(f"{self.path}: holds a run with another config (use 'evomerge resume' or a new --out)")
+                raise EvomergeError(
+                    f"{self.path}: holds a run with another config (use 'evomerge resume' or a new --out)"
+                )
             return
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.config, text)

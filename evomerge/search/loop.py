@@ -98,11 +98,14 @@ class SearchLoop:
         self.stats = SearchStats()
         self.flights: dict[int, _Flight] = {}
         self.promote: list[int] = []
+        self._warming_up = False
 
     # ---- helpers -----------------------------------------------------------
     def _can_ask(self, start: float) -> bool:
         b = self.budget
         asked = self.stats.finished + len(self.flights)
+        if self._warming_up and self.flights:
+            return False  # the first trial runs alone: trials asked before any completes are random
         if b.trials is not None and asked >= b.trials:
             return False
         return b.seconds is None or time.monotonic() - start < b.seconds
@@ -133,8 +136,17 @@ class SearchLoop:
             else:
                 self.stats.failed += 1
         record = TrialRecord(
-            number, state, flight.params, flight.recipe, result.value if result.ok else None, result.values,
-            result.tasks, flight.merge_seconds, flight.score_seconds, flight.samples, result.error,
+            number,
+            state,
+            flight.params,
+            flight.recipe,
+            result.value if result.ok else None,
+            result.values,
+            result.tasks,
+            flight.merge_seconds,
+            flight.score_seconds,
+            flight.samples,
+            result.error,
         )
         self.stats.records.append(record)
         for observe in self.observers:
@@ -163,7 +175,10 @@ class SearchLoop:
 
     # ---- the loop ------------------------------------------------------------
     def run(self) -> SearchStats:
+        from optuna.trial import TrialState
+
         start = time.monotonic()
+        self._warming_up = not self.study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
         try:
             while True:
                 while self.dispatcher.idle() > 0 and self.promote:
@@ -175,6 +190,7 @@ class SearchLoop:
                     break
                 for result in self.dispatcher.wait(timeout=5.0):
                     self._handle(result)
+                    self._warming_up = self._warming_up and self.stats.complete == 0
         finally:
             self.stats.wall_seconds = time.monotonic() - start
         return self.stats

@@ -30,8 +30,12 @@ def init_ray(address: str | None, num_cpus: int | None, *, env_vars: dict[str, s
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
         ray.init(
-            num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False,
-            _node_ip_address="127.0.0.1", configure_logging=False,
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
         )
 
 
@@ -59,6 +63,7 @@ class RayDispatcher:
             MergeWorker
         )
         self.actors: list[Any] = [self._start() for _ in range(workers)]
+        ray.get([a.ready.remote() for a in self.actors])  # the search clock starts with the pool ready
         self.free: list[int] = list(range(workers))
         self.running: dict[Any, _Running] = {}
         self.retry: list[Job] = []

@@ -96,8 +96,18 @@ class SearchSpace:
             groups = self.groups if p.per_model else [None]
             for model in owners:
                 for group in groups:
-                    dims.append(Dim(_dim_name(op.name, p.name, model, group, len(self.ops) > 1), op.name, p.name,
-                                    low, high, log, model, group))
+                    dims.append(
+                        Dim(
+                            _dim_name(op.name, p.name, model, group, len(self.ops) > 1),
+                            op.name,
+                            p.name,
+                            low,
+                            high,
+                            log,
+                            model,
+                            group,
+                        )
+                    )
         return dims, fixed
 
     @staticmethod

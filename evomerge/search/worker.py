@@ -104,8 +104,11 @@ class MergeWorker:
         key = split or self._fitness.split
         if key not in self._evaluators:
             self._evaluators[key] = Evaluator(
-                self._fitness, zoo_root=Path(self.spec.zoo_root) if self.spec.zoo_root else None,
-                base_dir=Path(self.spec.base_dir), seed=self.spec.seed, split=key,
+                self._fitness,
+                zoo_root=Path(self.spec.zoo_root) if self.spec.zoo_root else None,
+                base_dir=Path(self.spec.base_dir),
+                seed=self.spec.seed,
+                split=key,
             )
         return self._evaluators[key]
 
@@ -122,6 +125,10 @@ class MergeWorker:
             )
             out = merge_planned(pt, plan, inputs, self.device, seed)
             self.params[pt.name].copy_(out)
+
+    def ready(self) -> bool:
+        """Returns once the sources are resident (a Ray caller waits on it)."""
+        return True
 
     def run(self, job: Job) -> JobResult:
         """Merge and score one job; failures come back as a result with ``error`` set."""

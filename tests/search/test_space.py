@@ -23,8 +23,10 @@ def test_dims_come_from_declarations():
 
 
 def test_config_bounds_and_fixed_values():
-    s = space(method="ties", parameters={"weight": {"low": 0.0, "high": 2.0}, "density": 0.5, "lambda": {"low": 0.5,
-                                                                                                     "high": 1.5}})
+    s = space(
+        method="ties",
+        parameters={"weight": {"low": 0.0, "high": 2.0}, "density": 0.5, "lambda": {"low": 0.5, "high": 1.5}},
+    )
     assert {d.param for d in s.dims["ties"]} == {"weight", "lambda"}
     assert s.fixed["ties"] == {"density": 0.5}
     recipe = s.recipe({**{d.name: 1.0 for d in s.dims["ties"]}})
@@ -38,8 +40,11 @@ def test_bounds_outside_the_valid_domain_are_refused():
 
 def test_default_params_are_uniform_weights():
     s = space(method="task_arithmetic")
-    assert s.default_params() == {"weight[a]": pytest.approx(1 / 3), "weight[b]": pytest.approx(1 / 3),
-                                  "weight[c]": pytest.approx(1 / 3)}
+    assert s.default_params() == {
+        "weight[a]": pytest.approx(1 / 3),
+        "weight[b]": pytest.approx(1 / 3),
+        "weight[c]": pytest.approx(1 / 3),
+    }
 
 
 def test_filters_granularity_makes_filter_lists():
