@@ -72,7 +72,7 @@ def resident_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) ->
     """Every tensor of a model directory, loaded once onto ``device``."""
     ck = open_checkpoint(path)
     state = {}
-    for name, info in ck.tensors.items():
+    for name, _info in ck.tensors.items():
         t = ck.get(name)
         state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     ck.close()

@@ -18,7 +18,7 @@ def test_zoo_layout_and_manifest(tiny_zoo):
     manifest = load_zoo(tiny_zoo)
     assert set(manifest["models"]) == {"base", "add", "rev", "sort"}
     assert manifest["recipe_hash"] == TINY.digest()
-    for name, entry in manifest["models"].items():
+    for _name, entry in manifest["models"].items():
         path = tiny_zoo / entry["path"]
         assert (path / "model.safetensors").is_file()
         AutoModelForCausalLM.from_pretrained(path)
@@ -26,7 +26,7 @@ def test_zoo_layout_and_manifest(tiny_zoo):
         assert tok("add:1+2=", add_special_tokens=False)["input_ids"][0] == tok.convert_tokens_to_ids("a")
         for task in manifest["tasks"]:
             assert set(entry["accuracy"][task]) == set(SPLITS)
-    for task, entry in manifest["tasks"].items():
+    for entry in manifest["tasks"].values():
         cfg = yaml.safe_load((tiny_zoo / entry["lm_eval"]).read_text())
         assert cfg["dataset_path"] == "json" and cfg["output_type"] == "loglikelihood"
         assert all((tiny_zoo / entry[s]).is_file() for s in SPLITS)
@@ -35,7 +35,7 @@ def test_zoo_layout_and_manifest(tiny_zoo):
 def test_splits_are_disjoint_and_never_trained_on(tiny_zoo):
     manifest = load_zoo(tiny_zoo)
     seen: set[str] = set()
-    for task, entry in manifest["tasks"].items():
+    for _task, entry in manifest["tasks"].items():
         for split in SPLITS:
             keys = {key(i) for i in read_jsonl(tiny_zoo / entry[split])}
             assert not keys & seen
