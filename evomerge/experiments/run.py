@@ -48,7 +48,8 @@ def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Pre
 
         zoo = cfg.zoo_dir()
         assert zoo is not None
-        ensure_zoo(zoo, log=log)
+        if cfg.zoo is None or not (zoo / "zoo.json").is_file():
+            ensure_zoo(zoo, log=log)  # the default zoo follows the shipped recipe; a named one is used as it is
     refs = list(dict.fromkeys([*([cfg.base_model] if cfg.base_model else []), *cfg.models]))
     paths = {ref: str(cfg.resolve_model(ref)) for ref in refs}
     first = open_checkpoint(paths[refs[0]])

@@ -50,7 +50,10 @@ class _Running:
 class RayDispatcher:
     """Jobs on a pool of ``workers`` actors (one GPU each when ``gpus``, else CPU threads)."""
 
-    def __init__(self, spec: WorkerSpec, workers: int, *, gpus: bool, job_timeout: float, max_retries: int = 1):
+    def __init__(
+        self, spec: WorkerSpec, workers: int, *, gpus: bool, job_timeout: float, max_retries: int = 1,
+        worker_cls: type = MergeWorker,
+    ):
         import ray
 
         self.ray = ray
@@ -60,7 +63,7 @@ class RayDispatcher:
         self.max_retries = max_retries
         cpus = spec.threads or 1
         self._actor_cls = ray.remote(num_cpus=0 if gpus else cpus, num_gpus=1 if gpus else 0, max_restarts=0)(
-            MergeWorker
+            worker_cls
         )
         self.actors: list[Any] = [self._start() for _ in range(workers)]
         ray.get([a.ready.remote() for a in self.actors])  # the search clock starts with the pool ready

@@ -16,7 +16,7 @@ def test_zoo_layout_and_manifest(tiny_zoo):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = load_zoo(tiny_zoo)
-    assert set(manifest["models"]) == {"base", "add", "rev", "sort"}
+    assert set(manifest["models"]) == {"base", "cp", "rev", "sort"}
     assert manifest["recipe_hash"] == TINY.digest()
     for _name, entry in manifest["models"].items():
         path = tiny_zoo / entry["path"]
@@ -70,25 +70,26 @@ def test_build_is_deterministic_and_cached(tiny_zoo, tmp_path):
 def test_eval_cli_prints_table_and_json(tiny_zoo, tmp_path, capsys):
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(
-        f"zoo: {tiny_zoo}\nmodels: [zoo:add, zoo:rev]\nbase_model: zoo:base\n"
-        "fitness: {tasks: [add, rev, sort], samples: 30}\n"
+        f"zoo: {tiny_zoo}\nmodels: [zoo:cp, zoo:rev]\nbase_model: zoo:base\n"
+        "fitness: {tasks: [cp, rev, sort], samples: 30}\n"
     )
     assert main(["eval", str(tiny_zoo / "rev"), "--config", str(cfg), "--split", "test"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
-    assert set(result) == {"fitness", "tasks", "seconds"} and set(result["tasks"]) == {"add", "rev", "sort"}
+    assert set(result) == {"fitness", "tasks", "seconds"} and set(result["tasks"]) == {"cp", "rev", "sort"}
     assert result["fitness"] == pytest.approx(sum(result["tasks"].values()) / 3)
     assert any(line.startswith("fitness") for line in out)
 
 
 def test_eval_backends_agree_on_zoo(tiny_zoo, tmp_path, capsys):
     cfg = tmp_path / "exp.yaml"
-    cfg.write_text(f"zoo: {tiny_zoo}\nmodels: [zoo:add]\nfitness: {{tasks: [add, rev], samples: 20}}\n")
+    cfg.write_text(f"zoo: {tiny_zoo}\nmodels: [zoo:cp]\nfitness: {{tasks: [cp, rev, sort], samples: 40}}\n")
     results = []
     for backend in ("native", "lm-eval"):
         assert main(["eval", str(tiny_zoo / "base"), "--config", str(cfg), "--backend", backend]) == 0
         results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert results[0]["tasks"] == results[1]["tasks"]
+    assert any(v > 0 for v in results[0]["tasks"].values())  # a real signal, not all zeros
 
 
 def test_eval_bad_config_is_one_line(tmp_path, capsys):

@@ -1,0 +1,65 @@
+"""The ask/tell loop with one in-process worker on the tiny zoo."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from evomerge.experiments.run import open_study, prepare
+from evomerge.experiments.rundir import RunDir
+from evomerge.search.dispatch import InProcessDispatcher
+from evomerge.search.loop import Budget, SearchLoop
+from evomerge.search.worker import MergeWorker
+
+from .faulty import FaultyWorker
+
+
+def _loop(cfg, tmp_path, worker_cls=MergeWorker, trials=6, fractions=None):
+    prep = prepare(cfg, log=lambda _: None)
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    study = open_study(cfg, run, prep)
+    dispatcher = InProcessDispatcher(worker=worker_cls(prep.spec))
+    loop = SearchLoop(study, prep.space, dispatcher, budget=Budget(trials), seed=0, paths=prep.paths,
+                      fractions=fractions)
+    return loop, study, prep
+
+
+def test_loop_completes_the_budget_starting_from_the_default(tiny_cfg, tmp_path):
+    loop, study, prep = _loop(tiny_cfg(), tmp_path)
+    stats = loop.run()
+    assert (stats.complete, stats.failed, stats.pruned) == (6, 0, 0)
+    assert len(study.trials) == 6
+    assert study.trials[0].params == pytest.approx(prep.space.default_params())
+    assert stats.samples_scored == 6 * 3 * 20
+    for t in study.trials:
+        assert all(0.0 <= v <= 1.5 for v in t.params.values())
+
+
+def test_failed_and_nan_candidates_are_recorded_and_the_search_goes_on(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_TEST_FAULTS", "1=raise,2=nan")
+    loop, study, _ = _loop(tiny_cfg(), tmp_path, worker_cls=FaultyWorker)
+    stats = loop.run()
+    assert (stats.complete, stats.failed) == (4, 2)
+    states = {t.number: t.state for t in study.trials}
+    assert states[1] == states[2] == optuna.trial.TrialState.FAIL
+    errors = {r.number: r.error for r in stats.records}
+    assert errors[1] == "injected merge failure" and "NaN" in errors[2]
+
+
+def test_pruning_scores_fewer_samples(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(search__pruning={"enabled": True, "fractions": [0.25, 1.0], "pruner": "median"},
+                   search__sampler="random", fitness__samples=40)
+    loop, study, _ = _loop(cfg, tmp_path, trials=16, fractions=[0.25, 1.0])
+    stats = loop.run()
+    assert stats.finished == 16 and stats.pruned > 0
+    assert stats.samples_scored < 16 * 3 * 40 * 1.25
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert all(t.intermediate_values for t in pruned)
+
+
+def test_same_seed_same_search(tiny_cfg, tmp_path):
+    a = _loop(tiny_cfg(), tmp_path / "a")[0].run()
+    b = _loop(tiny_cfg(), tmp_path / "b")[0].run()
+    assert [r.params for r in a.records] == [r.params for r in b.records]
+    assert [r.value for r in a.records] == [r.value for r in b.records]

@@ -1,0 +1,72 @@
+"""The Ray dispatcher on a real local cluster: steady-state pool, actor death, timeouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from evomerge.experiments.run import RunOptions, prepare, run_experiment, run_jobs
+from evomerge.search.worker import Job
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from evomerge.search.ray_pool import init_ray
+
+    os.environ["EVOMERGE_TEST_FAULTS"] = "101=die,102=hang,103=raise"
+    init_ray(None, 2, env_vars={"PYTHONPATH": str(ROOT), "EVOMERGE_TEST_FAULTS": "101=die,102=hang,103=raise"})
+    yield ray
+    ray.shutdown()
+    os.environ.pop("EVOMERGE_TEST_FAULTS", None)
+
+
+def test_dead_actor_is_replaced_and_its_job_retried_and_timeouts_fail(ray_cluster, tiny_cfg):
+    from evomerge.search.ray_pool import RayDispatcher
+
+    from .faulty import FaultyWorker
+
+    prep = prepare(tiny_cfg(workers=2), log=lambda _: None)
+    recipe = prep.space.recipe(prep.space.default_params()).to_dict()
+    pool = RayDispatcher(prep.spec, 2, gpus=False, job_timeout=10, worker_cls=FaultyWorker)
+    try:
+        start = time.monotonic()
+        results = run_jobs(pool, [Job(k, recipe, seed=0) for k in (100, 101, 102, 103, 104)])
+    finally:
+        pool.close()
+    assert results[100].ok and results[104].ok
+    assert results[101].ok, results[101].error  # died once, retried on a fresh actor
+    assert "timed out" in (results[102].error or "")
+    assert results[103].error == "injected merge failure"
+    assert results[101].value == results[100].value  # the same recipe gives the same score
+    assert pool.replaced == 2  # one for the death, one for the timeout
+    assert time.monotonic() - start < 60
+
+
+def test_run_experiment_on_ray_writes_summary(ray_cluster, tiny_cfg, tmp_path):
+    cfg = tiny_cfg(workers=2)
+    summary = run_experiment(cfg, tmp_path / "run", RunOptions(quiet=True))
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["trials"] == {"complete": 6, "pruned": 0, "failed": 0}
+    for key in ("best_trial", "best_fitness", "best_test_fitness", "best_recipe", "sources", "baselines",
+                "samples_scored", "worker_busy_fraction", "wall_seconds"):
+        assert key in saved
+    assert set(saved["sources"]) == set(cfg.models) and "default_merge" in saved["baselines"]
+    assert 0 < saved["worker_busy_fraction"] <= 1.0
+    from evomerge.operators.recipe import Recipe
+
+    recipe = Recipe.from_yaml(saved["best_recipe"])
+    assert recipe.merge_method == "task_arithmetic" and Path(recipe.base_model).is_dir()
+    import optuna
+
+    study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert study.trials[summary["best_trial"]].value == pytest.approx(summary["best_fitness"])
