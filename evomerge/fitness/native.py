@@ -53,15 +53,23 @@ def encode(tokenizer, items: Sequence[Item]) -> Encoded:
     return Encoded(ids, mask, target)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score(model, batch: Encoded, *, batch_size: int = 512) -> torch.Tensor:
-    """Exact match of the greedy continuation for each encoded item (bool, on the CPU)."""
+    """Exact match of the greedy continuation for each encoded item (bool, on the CPU).
+
+    Sequences are right-padded, so under causal attention no real token ever sees a
+    pad: the forward pass needs no attention mask. The output head runs only at the
+    answer positions.
+    """
     device = next(model.parameters()).device
+    body, head = model.get_decoder(), model.get_output_embeddings()
     out = []
     for start in range(0, len(batch), batch_size):
         sl = slice(start, start + batch_size)
-        ids, mask, target = batch.ids[sl].to(device), batch.mask[sl].to(device), batch.target[sl].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        hit = (logits.argmax(-1) == target) | (target < 0)
+        ids, target = batch.ids[sl].to(device), batch.target[sl].to(device)
+        hidden = body(input_ids=ids).last_hidden_state
+        answer = target >= 0
+        hit = torch.ones_like(target, dtype=torch.bool)
+        hit[answer] = head(hidden[answer]).argmax(-1) == target[answer]
         out.append(hit.all(dim=1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)

@@ -99,11 +99,12 @@ class SearchLoop:
         self.flights: dict[int, _Flight] = {}
         self.promote: list[int] = []
         self._warming_up = False
+        self.earlier = 0  # trials finished by earlier runs of this study (they count towards the budget)
 
     # ---- helpers -----------------------------------------------------------
     def _can_ask(self, start: float) -> bool:
         b = self.budget
-        asked = self.stats.finished + len(self.flights)
+        asked = self.earlier + self.stats.finished + len(self.flights)
         if self._warming_up and self.flights:
             return False  # the first trial runs alone: trials asked before any completes are random
         if b.trials is not None and asked >= b.trials:
@@ -178,6 +179,7 @@ class SearchLoop:
         from optuna.trial import TrialState
 
         start = time.monotonic()
+        self.earlier = recover_interrupted(self.study)
         self._warming_up = not self.study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
         try:
             while True:
@@ -194,6 +196,23 @@ class SearchLoop:
         finally:
             self.stats.wall_seconds = time.monotonic() - start
         return self.stats
+
+
+def recover_interrupted(study) -> int:
+    """Tell FAIL the trials an interrupted run left RUNNING, and enqueue each one's
+    parameters again (once); return how many trials have finished."""
+    from optuna.trial import TrialState
+
+    finished = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.RUNNING:
+            study.tell(t.number, state=TrialState.FAIL)
+            if "retry_of" not in t.system_attrs and "retry_of" not in t.user_attrs:
+                study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            finished += 1
+        elif t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+            finished += 1
+    return finished
 
 
 def trial_seed(seed: int, number: int) -> int:

@@ -51,7 +51,13 @@ class RayDispatcher:
     """Jobs on a pool of ``workers`` actors (one GPU each when ``gpus``, else CPU threads)."""
 
     def __init__(
-        self, spec: WorkerSpec, workers: int, *, gpus: bool, job_timeout: float, max_retries: int = 1,
+        self,
+        spec: WorkerSpec,
+        workers: int,
+        *,
+        gpus: bool,
+        job_timeout: float,
+        max_retries: int = 1,
         worker_cls: type = MergeWorker,
     ):
         import ray

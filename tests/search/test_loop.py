@@ -20,8 +20,9 @@ def _loop(cfg, tmp_path, worker_cls=MergeWorker, trials=6, fractions=None):
     run.create(cfg)
     study = open_study(cfg, run, prep)
     dispatcher = InProcessDispatcher(worker=worker_cls(prep.spec))
-    loop = SearchLoop(study, prep.space, dispatcher, budget=Budget(trials), seed=0, paths=prep.paths,
-                      fractions=fractions)
+    loop = SearchLoop(
+        study, prep.space, dispatcher, budget=Budget(trials), seed=0, paths=prep.paths, fractions=fractions
+    )
     return loop, study, prep
 
 
@@ -48,8 +49,11 @@ def test_failed_and_nan_candidates_are_recorded_and_the_search_goes_on(tiny_cfg,
 
 
 def test_pruning_scores_fewer_samples(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(search__pruning={"enabled": True, "fractions": [0.25, 1.0], "pruner": "median"},
-                   search__sampler="random", fitness__samples=40)
+    cfg = tiny_cfg(
+        search__pruning={"enabled": True, "fractions": [0.25, 1.0], "pruner": "median"},
+        search__sampler="random",
+        fitness__samples=40,
+    )
     loop, study, _ = _loop(cfg, tmp_path, trials=16, fractions=[0.25, 1.0])
     stats = loop.run()
     assert stats.finished == 16 and stats.pruned > 0
@@ -63,3 +67,19 @@ def test_same_seed_same_search(tiny_cfg, tmp_path):
     b = _loop(tiny_cfg(), tmp_path / "b")[0].run()
     assert [r.params for r in a.records] == [r.params for r in b.records]
     assert [r.value for r in a.records] == [r.value for r in b.records]
+
+
+def test_interrupted_trials_are_failed_and_retried_once_and_the_budget_holds(tiny_cfg, tmp_path):
+    loop, study, prep = _loop(tiny_cfg(), tmp_path, trials=5)
+    loop.budget.trials = 2
+    loop.run()
+    stale = study.ask()  # a trial a killed driver left RUNNING
+    params = prep.space.sample(stale)
+    loop2, study2, _ = _loop(tiny_cfg(), tmp_path, trials=5)  # same run dir: same study
+    stats = loop2.run()
+    trials = study2.trials
+    assert trials[stale.number].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in trials if t.user_attrs.get("retry_of") == stale.number]
+    assert len(retried) == 1 and retried[0].params == pytest.approx(params)
+    assert retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert len(trials) == 5 and stats.finished == 2  # 2 before + the stale FAIL + its retry + 1 new = 5

@@ -57,8 +57,17 @@ def test_run_experiment_on_ray_writes_summary(ray_cluster, tiny_cfg, tmp_path):
     summary = run_experiment(cfg, tmp_path / "run", RunOptions(quiet=True))
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["trials"] == {"complete": 6, "pruned": 0, "failed": 0}
-    for key in ("best_trial", "best_fitness", "best_test_fitness", "best_recipe", "sources", "baselines",
-                "samples_scored", "worker_busy_fraction", "wall_seconds"):
+    for key in (
+        "best_trial",
+        "best_fitness",
+        "best_test_fitness",
+        "best_recipe",
+        "sources",
+        "baselines",
+        "samples_scored",
+        "worker_busy_fraction",
+        "wall_seconds",
+    ):
         assert key in saved
     assert set(saved["sources"]) == set(cfg.models) and "default_merge" in saved["baselines"]
     assert 0 < saved["worker_busy_fraction"] <= 1.0

@@ -1,0 +1,51 @@
+"""Every shipped config loads, validates and yields a search space."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evomerge.experiments.config import load_config
+from evomerge.search.space import SearchSpace
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads(path):
+    text = path.read_text()
+    assert text.startswith("#"), "a shipped config opens with a comment saying what it does"
+    assert "evomerge run" in text.split("\n\n")[0] or "evomerge run" in text[:1500]
+    cfg = load_config(path)
+    space = SearchSpace(cfg.merge, cfg.models, cfg.base_model, n_layers=32)
+    dims = next(iter(space.dims.values()))
+    assert dims, "the config searches something"
+    recipe = space.recipe(space.default_params())
+    assert recipe.merge_method in cfg.merge.methods
+
+
+def test_there_are_shipped_configs():
+    assert {p.name for p in CONFIGS} >= {"demo.yaml"}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("models: []\nfitness: {tasks: [a]}\n", "models"),
+        ("models: [a]\nfitness: {tasks: [a]}\nsearch: {sampler: annealing}\n", "search.sampler"),
+        ("models: [a]\nfitness: {tasks: [a]}\nsearch: {trials: null}\n", "budget"),
+        ("models: [a]\nfitness: {tasks: [a]}\nmerge: {parameters: {weight: {low: 2, high: 1}}}\n", "low"),
+        ("models: [a]\nfitness: {tasks: [a]}\nworkers: 0\n", "workers"),
+        ("models: [a]\nfitness: {tasks: [a]}\nbogus: 1\n", "bogus"),
+        ("- a\n", "mapping"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path, text, message):
+    from evomerge.errors import EvomergeError
+
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(EvomergeError, match=message) as info:
+        load_config(p)
+    assert "c.yaml" in str(info.value) and "\n" not in str(info.value)
