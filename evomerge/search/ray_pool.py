@@ -1,7 +1,8 @@
 """A pool of Ray actors, each a :class:`MergeWorker` with the sources resident.
 
 Steady state, no generation barrier: a worker that frees up gets the next job at
-once. An actor that dies is replaced and its job retried once; a job that runs
+once; each actor holds one job queued behind the running one, so it never idles
+while the driver tells Optuna a result and asks for the next trial. An actor that dies is replaced and its job retried once; a job that runs
 past its timeout has its actor killed and replaced, and comes back failed.
 """
 
@@ -58,7 +59,7 @@ class RayDispatcher:
         gpus: bool,
         job_timeout: float,
         max_retries: int = 1,
-        worker_cls: type = MergeWorker,
+        worker_cls: type = MergeWorker, queue_depth: int = 2,
     ):
         import ray
 
@@ -73,7 +74,7 @@ class RayDispatcher:
         )
         self.actors: list[Any] = [self._start() for _ in range(workers)]
         ray.get([a.ready.remote() for a in self.actors])  # the search clock starts with the pool ready
-        self.free: list[int] = list(range(workers))
+        self.free: list[int] = [slot for _ in range(queue_depth) for slot in range(workers)]
         self.running: dict[Any, _Running] = {}
         self.retry: list[Job] = []
         self.replaced = 0
@@ -90,9 +91,13 @@ class RayDispatcher:
         ref = actor.run.remote(job)
         self.running[ref] = _Running(job, actor, slot, time.monotonic())
 
-    def _replace(self, slot: int) -> None:
+    def _replace(self, actor) -> None:
+        """Kill ``actor`` and start a fresh one in its slot (once, whoever notices first)."""
+        if actor not in self.actors:
+            return
+        slot = self.actors.index(actor)
         try:
-            self.ray.kill(self.actors[slot], no_restart=True)
+            self.ray.kill(actor, no_restart=True)
         except Exception:
             pass
         self.actors[slot] = self._start()
@@ -118,10 +123,11 @@ class RayDispatcher:
     def _collect(self, ref) -> JobResult | None:
         run = self.running.pop(ref)
         self.free.append(run.slot)
+        self._restart_clock(run.actor)
         try:
             return self.ray.get(ref)
         except self.ray.exceptions.RayActorError:
-            self._replace(run.slot)
+            self._replace(run.actor)
             if run.job.attempt < self.max_retries:
                 self.retry.append(replace(run.job, attempt=run.job.attempt + 1))
                 return None
@@ -129,13 +135,26 @@ class RayDispatcher:
         except self.ray.exceptions.RayTaskError as err:
             return JobResult(run.job.key, error=str(err).strip().splitlines()[-1], fraction=run.job.fraction)
 
+    def _restart_clock(self, actor) -> None:
+        """The job queued next on ``actor`` starts now: its timeout counts from here."""
+        queued = [r for r in self.running.values() if r.actor is actor]
+        if queued:
+            nxt = min(queued, key=lambda r: r.started)
+            nxt.started = max(nxt.started, time.monotonic())
+
     def _expire(self) -> list[JobResult]:
         now = time.monotonic()
         out = []
-        for ref, run in list(self.running.items()):
+        executing = {}
+        for ref, run in self.running.items():  # an actor runs its oldest job; the others wait
+            key = id(run.actor)
+            if key not in executing or run.started < self.running[executing[key]].started:
+                executing[key] = ref
+        for ref in list(executing.values()):
+            run = self.running[ref]
             if now - run.started > self.job_timeout:
                 self.running.pop(ref)
-                self._replace(run.slot)
+                self._replace(run.actor)
                 self.free.append(run.slot)
                 msg = f"timed out after {self.job_timeout:.0f} s"
                 out.append(JobResult(run.job.key, error=msg, fraction=run.job.fraction, split=run.job.split))
