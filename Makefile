@@ -26,6 +26,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check evomerge tests bench
+	$(VENV)/bin/mypy evomerge
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)

@@ -118,7 +118,8 @@ def make_dispatcher(prep: Prepared, options: RunOptions):
 
 def run_jobs(dispatcher, jobs: list[Job]) -> dict[int, JobResult]:
     """Run independent jobs on the pool (final scoring); results by job key."""
-    queue, out = list(jobs), {}
+    queue: list[Job] = list(jobs)
+    out: dict[int, JobResult] = {}
     while queue or len(out) < len(jobs):
         while queue and dispatcher.idle() > 0:
             dispatcher.submit(queue.pop(0))

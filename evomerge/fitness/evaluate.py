@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -195,7 +196,7 @@ class Evaluator:
         if self.backend == "lm-eval":
             from evomerge.fitness.lmeval import LmEvalScorer
 
-            idx = {n: self._head(n, fraction) for n in self.lm_tasks}
+            idx: dict[str, Sequence[int]] = {n: self._head(n, fraction) for n in self.lm_tasks}
             scores = LmEvalScorer(model, tokenizer, batch_size=self.cfg.batch_size).score(
                 self.lm_tasks, self.split, idx
             )

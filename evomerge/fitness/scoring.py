@@ -34,7 +34,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype | None = Non
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ModelError(f"{path}: cannot load model: {str(err).splitlines()[0]}") from None
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]
 
 
 def evaluate_model_dir(path: Path, cfg, *, split: str | None = None, backend: str | None = None) -> FitnessResult:

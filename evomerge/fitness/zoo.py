@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -189,7 +190,7 @@ def build_zoo(
         log(
             f"zoo: base trained ({recipe.base_steps} steps, final loss {loss:.3f}, {time.perf_counter() - start:.0f} s)"
         )
-        models = {"base": {"path": _save(base, tok_dir, tmp / "base")}}
+        models: dict[str, dict[str, Any]] = {"base": {"path": _save(base, tok_dir, tmp / "base")}}
         for spec in recipe.specialists:
             ft = copy.deepcopy(base)
             loss = _train(ft, sampler, {spec.task: 1.0}, spec.steps, spec.lr, recipe.batch)

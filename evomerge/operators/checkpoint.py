@@ -125,7 +125,7 @@ class Checkpoint:
         if fd is None:
             fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
         tensor = torch.empty(info.shape, dtype=info.dtype)
-        buf = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+        buf = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")  # type: ignore[arg-type]
         done = 0
         while done < len(buf):
             got = os.preadv(fd, [buf[done:]], info.offset + done)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -165,7 +166,7 @@ def _sparsify_magnitude(delta: Tensor, i: int, p: dict, gen) -> Tensor:
     return delta if d >= 1.0 else delta.mul_(sparsify.magnitude(delta, d))
 
 
-def _rescaled(mask_fn: Callable[[Tensor, int, dict, object], Tensor]) -> Sparsifier:
+def _rescaled(mask_fn: Callable[[Tensor, int, dict, Any], Tensor]) -> Sparsifier:
     def apply(delta: Tensor, i: int, p: dict, gen) -> Tensor:
         if p["density"][i] >= 1.0:
             return delta

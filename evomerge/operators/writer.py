@@ -96,7 +96,7 @@ class ShardWriter:
         assert self._file is not None
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         try:
-            self._file.write(memoryview(data))
+            self._file.write(memoryview(data))  # type: ignore[arg-type]
         except OSError as err:
             raise _disk_error(err, self.dir / self.names[shard_i]) from None
         self._pos += 1

@@ -69,7 +69,7 @@ class RayDispatcher:
         self.job_timeout = job_timeout
         self.max_retries = max_retries
         cpus = spec.threads or 1
-        self._actor_cls = ray.remote(num_cpus=0 if gpus else cpus, num_gpus=1 if gpus else 0, max_restarts=0)(
+        self._actor_cls: Any = ray.remote(num_cpus=0 if gpus else cpus, num_gpus=1 if gpus else 0, max_restarts=0)(
             worker_cls
         )
         self.actors: list[Any] = [self._start() for _ in range(workers)]
@@ -145,7 +145,7 @@ class RayDispatcher:
     def _expire(self) -> list[JobResult]:
         now = time.monotonic()
         out = []
-        executing = {}
+        executing: dict[int, Any] = {}
         for ref, run in self.running.items():  # an actor runs its oldest job; the others wait
             key = id(run.actor)
             if key not in executing or run.started < self.running[executing[key]].started:
