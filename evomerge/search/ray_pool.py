@@ -2,8 +2,9 @@
 
 Steady state, no generation barrier: a worker that frees up gets the next job at
 once; each actor holds one job queued behind the running one, so it never idles
-while the driver tells Optuna a result and asks for the next trial. An actor that dies is replaced and its job retried once; a job that runs
-past its timeout has its actor killed and replaced, and comes back failed.
+while the driver tells Optuna a result and asks for the next trial. An actor that
+dies is replaced and its job retried once; a job that runs past its timeout (from
+its real start) has its actor killed and replaced, and comes back failed.
 """
 
 from __future__ import annotations
