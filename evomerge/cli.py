@@ -115,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
         }.items()
         if value is not None
     }
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides).resolved()
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     summary = run_experiment(cfg, out, RunOptions(ray_address=args.ray_address, quiet=args.quiet))
     _print_summary(summary, out)
@@ -155,7 +155,78 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_merge, _add_zoo, _add_eval, _add_run]
+def _resume(args: argparse.Namespace) -> int:
+    from evomerge.experiments.manage import config_for_resume
+    from evomerge.experiments.run import RunOptions, run_experiment
+
+    out = Path(args.run_dir)
+    cfg = config_for_resume(out, force=args.force)
+    summary = run_experiment(cfg, out, RunOptions(ray_address=args.ray_address, quiet=args.quiet), resume=True)
+    _print_summary(summary, out)
+    return 0
+
+
+def _add_resume(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("resume", help="continue a run until its budget (after a crash or a stop)")
+    p.add_argument("run_dir")
+    p.add_argument("--force", action="store_true", help="continue although config.yaml changed")
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_resume)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from evomerge.experiments.manage import trial_table
+
+    info = trial_table(Path(args.run_dir), top=args.top)
+    states = ", ".join(f"{n.lower()} {c}" for n, c in sorted(info["states"].items()))
+    print(f"experiment {info['experiment']}: {sum(info['states'].values())}/{info['budget']} trials ({states})")
+    print(f"{'trial':>6s} {'fitness':>9s}  params")
+    for row in info["top"]:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
+        print(f"{row['trial']:6d} {row['values'][0]:9.4f}  {params}")
+    if info["summary"]:
+        s = info["summary"]
+        print(f"finished: best trial {s['best_trial']}, test fitness {s['best_test_fitness']:.4f}")
+    return 0
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="progress and the top candidates of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--top", type=int, default=10)
+    p.set_defaults(func=_status)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from evomerge.experiments.manage import export_trial
+
+    result = export_trial(
+        Path(args.run_dir), Path(args.out_dir), trial=args.trial, device=args.device, force=args.force
+    )
+    print(f"exported {result.tensors} tensors to {result.out_dir}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="materialise the best (or a given) trial as a Hugging Face model")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--trial", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    p.set_defaults(func=_export)
+
+
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_merge,
+    _add_zoo,
+    _add_eval,
+    _add_run,
+    _add_resume,
+    _add_status,
+    _add_export,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -154,6 +154,27 @@ class ExperimentConfig(BaseModel):
             return zoo / models[name]["path"]
         return self.resolve_path(ref)
 
+    def resolved(self) -> ExperimentConfig:
+        """A copy with every relative path made absolute (what a run directory records)."""
+
+        def path(ref: str | None) -> str | None:
+            if ref is None or ref.startswith(ZOO_PREFIX):
+                return ref
+            return str(self.resolve_path(ref))
+
+        data = self.model_dump(mode="json")
+        data["models"] = [path(m) for m in self.models]
+        data["base_model"] = path(self.base_model)
+        data["zoo"] = path(self.zoo)
+        for spec in data["fitness"]["tasks"].values():
+            if spec.get("data"):
+                spec["data"] = {k: path(v) for k, v in spec["data"].items()}
+            if spec.get("lm_eval", "") and spec["lm_eval"].endswith((".yaml", ".yml")):
+                spec["lm_eval"] = path(spec["lm_eval"])
+        out = ExperimentConfig.model_validate(data)
+        out.source_dir = self.source_dir
+        return out
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 

@@ -217,7 +217,9 @@ def _complete_from_study(study, space: SearchSpace) -> list[TrialRecord]:
     return out
 
 
-def run_experiment(cfg: ExperimentConfig, out: Path, options: RunOptions | None = None) -> dict[str, Any]:
+def run_experiment(
+    cfg: ExperimentConfig, out: Path, options: RunOptions | None = None, *, resume: bool = False
+) -> dict[str, Any]:
     """Run (or continue) the experiment in ``out``; return the summary."""
     from evomerge.experiments.progress import ProgressObserver
 
@@ -225,7 +227,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, options: RunOptions | None 
     log = (lambda _msg: None) if options.quiet else print
     run = RunDir(out)
     prep = prepare(cfg, options.workers, log=log)
-    run.create(cfg)
+    run.create(cfg, accept_change=resume)
     study = open_study(cfg, run, prep)
     budget = Budget(cfg.search.trials, cfg.search.timeout_minutes * 60 if cfg.search.timeout_minutes else None)
     dispatcher = make_dispatcher(prep, options)

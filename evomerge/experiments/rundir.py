@@ -38,18 +38,26 @@ class RunDir:
     def best_recipe(self) -> Path:
         return self.path / "best_recipe.yml"
 
-    def create(self, cfg: ExperimentConfig) -> None:
-        """Write the resolved config; refuse a directory that holds another run."""
+    @property
+    def started_config(self) -> Path:
+        return self.path / ".config.started.yaml"
+
+    def create(self, cfg: ExperimentConfig, *, accept_change: bool = False) -> None:
+        """Write the resolved config; refuse a directory that holds a run of another config
+        unless ``accept_change`` (a forced resume), which records the new one."""
         text = cfg.to_yaml()
         digest = hashlib.sha256(text.encode()).hexdigest()
-        if self.config.exists():
-            if self.config_hash.read_text().strip() != digest:
+        if self.config_hash.exists():
+            if self.config_hash.read_text().strip() == digest:
+                return
+            if not accept_change:
                 raise EvomergeError(
                     f"{self.path}: holds a run with another config (use 'evomerge resume' or a new --out)"
                 )
-            return
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.config, text)
+        if not self.started_config.exists():
+            write_atomic(self.started_config, text)
         write_atomic(self.config_hash, digest + "\n")
 
 

@@ -125,6 +125,7 @@ def run_merge(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     resolver: ModelResolver | None = None,
     progress: Callable[[int, int], None] | None = None,
+    card_extra: str = "",
 ) -> MergeResult:
     """Merge ``recipe`` into the Hugging Face model directory ``out_dir`` (atomically)."""
     start = time.perf_counter()
@@ -139,7 +140,7 @@ def run_merge(
             files = writer.finish()
         finally:
             writer.abort()
-        files += write_model_files(plan, ckpts, tmp, seed=seed)
+        files += write_model_files(plan, ckpts, tmp, seed=seed, card_extra=card_extra)
     nbytes = sum(t.dtype.itemsize * _numel(t.shape) for t in plan.tensors)
     return MergeResult(out, len(plan.tensors), nbytes, time.perf_counter() - start, files)
 

@@ -60,7 +60,8 @@ class RayDispatcher:
         gpus: bool,
         job_timeout: float,
         max_retries: int = 1,
-        worker_cls: type = MergeWorker, queue_depth: int = 2,
+        worker_cls: type = MergeWorker,
+        queue_depth: int = 2,
     ):
         import ray
 
