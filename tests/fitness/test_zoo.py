@@ -102,8 +102,14 @@ def test_eval_bad_config_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_zoo_builds_and_specialists_lead_their_task(tmp_path):
-    """The shipped demo recipe, built as `make demo` would (about 3 minutes on 2 cores)."""
+    """The shipped demo recipe, built as `make demo` would (about 2.5 minutes on 2 cores):
+    every specialist gains most on its own task, and the tasks with headroom gain clearly."""
     manifest = build_zoo(tmp_path / "demo", ZooRecipe(), log=lambda _: None)
-    models = manifest["models"]
-    for task in manifest["tasks"]:
-        assert models[task]["accuracy"][task]["test"] > models["base"]["accuracy"][task]["test"] + 0.05
+    models, tasks = manifest["models"], list(manifest["tasks"])
+    base = models["base"]["accuracy"]
+    for task in tasks:
+        gains = {t: models[task]["accuracy"][t]["test"] - base[t]["test"] for t in tasks}
+        assert gains[task] > 0 and gains[task] == max(gains.values()), (task, gains)
+        if base[task]["test"] < 0.9:  # headroom left: a clear gain
+            assert gains[task] > 0.05, (task, gains)
+    assert manifest["build_seconds"] < 600
