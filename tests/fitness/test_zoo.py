@@ -112,4 +112,3 @@ def test_demo_zoo_builds_and_specialists_lead_their_task(tmp_path):
         assert gains[task] > 0 and gains[task] == max(gains.values()), (task, gains)
         if base[task]["test"] < 0.9:  # headroom left: a clear gain
             assert gains[task] > 0.05, (task, gains)
-    assert manifest["build_seconds"] < 600
