@@ -55,7 +55,7 @@ class FitnessConfig(BaseModel):
     samples: int | None = Field(None, ge=1)
     aggregate: Literal["mean", "min", "pareto"] = "mean"
     backend: Literal["native", "lm-eval"] = "native"
-    batch_size: int = Field(512, ge=1)
+    batch_size: int = Field(160, ge=1)
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -54,22 +54,25 @@ def encode(tokenizer, items: Sequence[Item]) -> Encoded:
 
 
 @torch.inference_mode()
-def score(model, batch: Encoded, *, batch_size: int = 512) -> torch.Tensor:
+def score(model, batch: Encoded, *, batch_size: int = 160) -> torch.Tensor:
     """Exact match of the greedy continuation for each encoded item (bool, on the CPU).
 
     Sequences are right-padded, so under causal attention no real token ever sees a
-    pad: the forward pass needs no attention mask. The output head runs only at the
-    answer positions.
+    pad: the forward pass needs no attention mask. Items go through in batches of
+    similar length (less padding), and the output head runs only at answer positions.
     """
     device = next(model.parameters()).device
     body, head = model.get_decoder(), model.get_output_embeddings()
-    out = []
+    lengths = batch.mask.sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    hits = torch.zeros(len(batch), dtype=torch.bool)
     for start in range(0, len(batch), batch_size):
-        sl = slice(start, start + batch_size)
-        ids, target = batch.ids[sl].to(device), batch.target[sl].to(device)
+        rows = order[start : start + batch_size]
+        width = int(lengths[rows].max())
+        ids, target = batch.ids[rows, :width].to(device), batch.target[rows, :width].to(device)
         hidden = body(input_ids=ids).last_hidden_state
         answer = target >= 0
         hit = torch.ones_like(target, dtype=torch.bool)
         hit[answer] = head(hidden[answer]).argmax(-1) == target[answer]
-        out.append(hit.all(dim=1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+        hits[rows] = hit.all(dim=1).cpu()
+    return hits
