@@ -117,7 +117,8 @@ def _run(args: argparse.Namespace) -> int:
     }
     cfg = load_config(args.config, overrides).resolved()
     out = Path(args.out) if args.out else Path("runs") / cfg.name
-    summary = run_experiment(cfg, out, RunOptions(ray_address=args.ray_address, quiet=args.quiet))
+    options = RunOptions(ray_address=args.ray_address, quiet=args.quiet, tracking_uri=args.tracking_uri)
+    summary = run_experiment(cfg, out, options)
     _print_summary(summary, out)
     return 0
 
@@ -140,6 +141,11 @@ def _print_summary(summary: dict, out: Path) -> None:
     )
     print(f"results: {out / 'summary.json'}")
     print(f"best recipe (mergekit YAML): {summary['best_recipe']}")
+    if "tracking_uri" in summary:
+        print(
+            f"MLflow: experiment {summary['mlflow_experiment_id']} in {summary['tracking_uri']} "
+            f"(mlflow ui --backend-store-uri {summary['tracking_uri']})"
+        )
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -151,6 +157,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", choices=["cmaes", "tpe", "nsgaii", "random"], help="override search.sampler")
     p.add_argument("--seed", type=int, help="override search.seed")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (default: RAY_ADDRESS or local)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run)
 
@@ -161,7 +168,8 @@ def _resume(args: argparse.Namespace) -> int:
 
     out = Path(args.run_dir)
     cfg = config_for_resume(out, force=args.force)
-    summary = run_experiment(cfg, out, RunOptions(ray_address=args.ray_address, quiet=args.quiet), resume=True)
+    options = RunOptions(ray_address=args.ray_address, quiet=args.quiet, tracking_uri=args.tracking_uri)
+    summary = run_experiment(cfg, out, options, resume=True)
     _print_summary(summary, out)
     return 0
 
@@ -171,6 +179,7 @@ def _add_resume(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir")
     p.add_argument("--force", action="store_true", help="continue although config.yaml changed")
     p.add_argument("--ray-address", default=None)
+    p.add_argument("--tracking-uri", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_resume)
 

@@ -34,3 +34,11 @@ def tiny_zoo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("zoo") / "zoo"
     build_zoo(root, TINY, log=lambda _: None)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """Runs in tests track into a temporary MLflow store, never the working directory."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri

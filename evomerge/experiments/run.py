@@ -25,6 +25,8 @@ class RunOptions:
     ray_address: str | None = None
     quiet: bool = False
     in_process: bool = False  # one worker in this process, no Ray (tests and debugging)
+    tracking_uri: str | None = None
+    track: bool = True
 
 
 @dataclass
@@ -233,6 +235,14 @@ def run_experiment(
     dispatcher = make_dispatcher(prep, options)
     started = time.monotonic()
     observer = ProgressObserver(budget.trials, prep.workers, quiet=options.quiet)
+    observers: list[Any] = [observer]
+    tracker = None
+    if options.track:
+        from evomerge.experiments.tracking import MlflowTracker
+
+        tracker = MlflowTracker(cfg, run, prep.paths, options.tracking_uri)
+        observers.append(tracker)
+    summary: dict[str, Any] | None = None
     try:
         loop = SearchLoop(
             study,
@@ -242,13 +252,18 @@ def run_experiment(
             seed=cfg.search.seed,
             paths=prep.paths,
             fractions=cfg.search.pruning.fractions if cfg.search.pruning.enabled else None,
-            observers=[observer],
+            observers=observers,
         )
         with observer:
             stats = loop.run()
         summary = finalize(prep, run, study, stats, dispatcher)
+        summary["total_seconds"] = round(time.monotonic() - started, 2)
+        if tracker is not None:
+            summary["tracking_uri"] = tracker.uri
+            summary["mlflow_experiment_id"] = tracker.experiment_id
+        write_json(run.summary, summary)
     finally:
         dispatcher.close()
-    summary["total_seconds"] = round(time.monotonic() - started, 2)
-    write_json(run.summary, summary)
+        if tracker is not None:
+            tracker.finish(summary, "FINISHED" if summary else "FAILED")
     return summary

@@ -1,0 +1,63 @@
+"""MLflow lineage of a search: one parent per run directory, one child per trial, reused on resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from evomerge.experiments.run import RunOptions, run_experiment
+
+from .search.conftest import tiny_config
+
+
+def _runs(uri, name):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_every_trial_is_a_child_run_and_resume_adds_no_duplicates(tiny_zoo, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    cfg = tiny_config(tiny_zoo, name="tracked").resolved()
+    out = tmp_path / "run"
+    run_experiment(cfg, out, RunOptions(quiet=True, in_process=True, tracking_uri=uri))
+    client, runs = _runs(uri, "tracked")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 6
+    assert sorted(int(r.data.tags["trial"]) for r in children) == list(range(6))
+    child = children[0]
+    assert child.data.tags["state"] == "COMPLETE" and "fitness" in child.data.metrics
+    assert {"acc.cp", "acc.rev", "acc.sort", "merge_seconds", "score_seconds"} <= set(child.data.metrics)
+    assert set(child.data.params) == {"weight.zoo:cp", "weight.zoo:rev", "weight.zoo:sort"}
+    assert any(k.startswith("source.zoo:") for k in child.data.tags)
+    assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["recipe.yml"]
+    assert parents[0].data.metrics["best_test_fitness"] >= 0
+    # a resumed run with a larger budget reuses the parent and logs only the new trials
+    bigger = tiny_config(tiny_zoo, name="tracked", search__trials=8).resolved()
+    run_experiment(bigger, out, RunOptions(quiet=True, in_process=True, tracking_uri=uri), resume=True)
+    _, runs = _runs(uri, "tracked")
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
+    trials = sorted(int(r.data.tags["trial"]) for r in runs if "trial" in r.data.tags)
+    assert trials == list(range(8))
+
+
+@pytest.mark.parametrize("state", ["FAIL"])
+def test_failed_trials_are_recorded_failed(tiny_zoo, tmp_path, monkeypatch, state):
+    monkeypatch.setenv("EVOMERGE_TEST_FAULTS", "2=raise")
+    from evomerge.experiments import run as run_mod
+
+    from .search.faulty import FaultyWorker
+
+    monkeypatch.setattr("evomerge.search.dispatch.MergeWorker", FaultyWorker)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    run_mod.run_experiment(
+        tiny_config(tiny_zoo, name="faults").resolved(),
+        tmp_path / "run",
+        RunOptions(quiet=True, in_process=True, tracking_uri=uri),
+    )
+    _, runs = _runs(uri, "faults")
+    failed = [r for r in runs if r.data.tags.get("trial") == "2"]
+    assert failed[0].data.tags["state"] == state and failed[0].info.status == "FAILED"
+    assert failed[0].data.tags["error"] == "injected merge failure"
