@@ -227,6 +227,40 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
 
+def _ui(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from evomerge.experiments.tracking import tracking_uri
+
+    uri = tracking_uri(args.tracking_uri)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+    ]
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def _add_ui(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ui", help="start a lean MLflow UI on the tracking store (127.0.0.1 unless told)")
+    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_ui)
+
+
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_merge,
     _add_zoo,
@@ -235,6 +269,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_resume,
     _add_status,
     _add_export,
+    _add_ui,
 ]
 
 

@@ -1,0 +1,57 @@
+"""`evomerge ui` serves the MLflow store on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_binds_loopback_and_serves_the_store(tmp_path):
+    port = _free_port()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).create_experiment("seen", artifact_location=(tmp_path / "art").as_uri())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        body = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and body is None:
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+                    data=b'{"max_results": 10}',
+                    headers={"Content-Type": "application/json"},
+                )
+                body = json.loads(urllib.request.urlopen(req, timeout=5).read())
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, "the UI did not come up"
+        assert "seen" in {e["name"] for e in body["experiments"]}
+        listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+        lines = [ln for ln in listening.splitlines() if f":{port} " in ln]
+        assert lines and all("127.0.0.1:" in ln for ln in lines)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
