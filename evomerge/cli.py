@@ -144,7 +144,7 @@ def _print_summary(summary: dict, out: Path) -> None:
     if "tracking_uri" in summary:
         print(
             f"MLflow: experiment {summary['mlflow_experiment_id']} in {summary['tracking_uri']} "
-            f"(mlflow ui --backend-store-uri {summary['tracking_uri']})"
+            f"(browse: evomerge ui --tracking-uri {summary['tracking_uri']})"
         )
 
 

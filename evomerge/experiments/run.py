@@ -191,11 +191,8 @@ def finalize(prep: Prepared, run: RunDir, study, stats: SearchStats, dispatcher)
         "best_recipe": str(run.best_recipe.resolve()),
         "sources": {ref: pair(scored[100 + i], scored[2 + i]) for i, ref in enumerate(sources)},
         "baselines": {"default_merge": pair(scored[99], scored[1])},
-        "trials": {"complete": stats.complete, "pruned": stats.pruned, "failed": stats.failed},
-        "samples_scored": stats.samples_scored,
-        "worker_busy_fraction": round(stats.busy_seconds / max(1e-9, prep.workers * stats.wall_seconds), 4),
-        "workers": prep.workers,
-        "wall_seconds": round(stats.wall_seconds, 2),
+        "trials": _trial_counts(study),
+        **_session_figures(run, stats, prep.workers),
     }
     if len(cfg.fitness.objectives) > 1:
         summary["pareto_front"] = [
@@ -203,6 +200,32 @@ def finalize(prep: Prepared, run: RunDir, study, stats: SearchStats, dispatcher)
         ]
     write_json(run.summary, summary)
     return summary
+
+
+def _trial_counts(study) -> dict[str, int]:
+    """Finished trials of the whole study (earlier sessions of a resumed run included)."""
+    counts = {"complete": 0, "pruned": 0, "failed": 0}
+    names = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name in names:
+            counts[names[t.state.name]] += 1
+    return counts
+
+
+def _session_figures(run: RunDir, stats: SearchStats, workers: int) -> dict[str, Any]:
+    """Samples, busy fraction and wall time of the search; a session that ran no trial
+    (the budget was already met) keeps the figures of the session that did."""
+    keys = ("samples_scored", "worker_busy_fraction", "workers", "wall_seconds")
+    if stats.finished == 0 and run.summary.is_file():
+        old = json.loads(run.summary.read_text())
+        if all(k in old for k in keys):
+            return {k: old[k] for k in keys}
+    return {
+        "samples_scored": stats.samples_scored,
+        "worker_busy_fraction": round(stats.busy_seconds / max(1e-9, workers * stats.wall_seconds), 4),
+        "workers": workers,
+        "wall_seconds": round(stats.wall_seconds, 2),
+    }
 
 
 def _complete_from_study(study, space: SearchSpace) -> list[TrialRecord]:
