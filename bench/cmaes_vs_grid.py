@@ -55,9 +55,7 @@ def main() -> None:
         sampler = make_sampler("cmaes", seed, population=population_size(len(dims), cfg.workers), objectives=1)
         study = optuna.create_study(direction="maximize", sampler=sampler)
         study.enqueue_trial(prep.space.default_params())
-        loop = SearchLoop(
-            study, prep.space, InProcessDispatcher(worker=worker), budget=Budget(budget), seed=seed, paths=prep.paths
-        )
+        loop = SearchLoop(study, prep.space, InProcessDispatcher(worker=worker), budget=Budget(budget), seed=seed)
         stats = loop.run()
         values = [r.value for r in stats.records if r.value is not None]
         reached = next((i + 1 for i, _ in enumerate(values) if max(values[: i + 1]) >= grid_best - 1e-12), None)

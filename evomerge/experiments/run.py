@@ -273,7 +273,6 @@ def run_experiment(
             dispatcher,
             budget=budget,
             seed=cfg.search.seed,
-            paths=prep.paths,
             fractions=cfg.search.pruning.fractions if cfg.search.pruning.enabled else None,
             observers=observers,
         )

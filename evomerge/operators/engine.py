@@ -9,6 +9,7 @@ memory is a few tensors per input, whatever the size of the models.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -141,15 +142,8 @@ def run_merge(
         finally:
             writer.abort()
         files += write_model_files(plan, ckpts, tmp, seed=seed, card_extra=card_extra)
-    nbytes = sum(t.dtype.itemsize * _numel(t.shape) for t in plan.tensors)
+    nbytes = sum(t.dtype.itemsize * math.prod(t.shape) for t in plan.tensors)
     return MergeResult(out, len(plan.tensors), nbytes, time.perf_counter() - start, files)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _stream(plan: MergePlan, ckpts, writer: ShardWriter, dev: torch.device, seed: int, progress) -> None:

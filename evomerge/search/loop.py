@@ -83,7 +83,6 @@ class SearchLoop:
         *,
         budget: Budget,
         seed: int,
-        paths: dict[str, str],
         fractions: list[float] | None = None,
         observers: list[Observer] | None = None,
     ):
@@ -92,7 +91,6 @@ class SearchLoop:
         self.dispatcher = dispatcher
         self.budget = budget
         self.seed = seed
-        self.paths = paths
         self.fractions = fractions or [1.0]
         self.observers = observers or []
         self.stats = SearchStats()

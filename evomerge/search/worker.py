@@ -98,7 +98,6 @@ class MergeWorker:
         fitness = FitnessConfig.model_validate(spec.fitness)
         self._fitness = fitness
         self._evaluators: dict[str, Evaluator] = {}
-        self.busy_seconds = 0.0
 
     def evaluator(self, split: str | None) -> Evaluator:
         key = split or self._fitness.split
@@ -145,6 +144,4 @@ class MergeWorker:
                 result.error = "the fitness is NaN"
         except EvomergeError as err:
             result.error = str(err)
-        finally:
-            self.busy_seconds += time.perf_counter() - start
         return result

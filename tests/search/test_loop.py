@@ -20,9 +20,7 @@ def _loop(cfg, tmp_path, worker_cls=MergeWorker, trials=6, fractions=None):
     run.create(cfg)
     study = open_study(cfg, run, prep)
     dispatcher = InProcessDispatcher(worker=worker_cls(prep.spec))
-    loop = SearchLoop(
-        study, prep.space, dispatcher, budget=Budget(trials), seed=0, paths=prep.paths, fractions=fractions
-    )
+    loop = SearchLoop(study, prep.space, dispatcher, budget=Budget(trials), seed=0, fractions=fractions)
     return loop, study, prep
 
 
