@@ -59,7 +59,7 @@ def export_trial(path: Path, out: Path, *, trial: int | None = None, device: str
     """Materialise the best (or the given) trial of a run as a Hugging Face model directory."""
     import optuna
 
-    from evomerge.experiments.run import _named, prepare
+    from evomerge.experiments.run import prepare, recipe_with_paths
     from evomerge.operators.engine import run_merge
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -73,7 +73,7 @@ def export_trial(path: Path, out: Path, *, trial: int | None = None, device: str
     if not 0 <= number < len(study.trials) or study.trials[number].state.name != "COMPLETE":
         raise EvomergeError(f"{path}: trial {number} is not a complete trial of this run")
     prep = prepare(cfg, log=lambda _: None)
-    recipe_dict = _named(prep.space.recipe(study.trials[number].params).to_dict(), prep.paths)
+    recipe_dict = recipe_with_paths(prep.space.recipe(study.trials[number].params).to_dict(), prep.paths)
     from evomerge.operators.recipe import Recipe
 
     recipe = Recipe.from_dict(recipe_dict, f"trial {number}")

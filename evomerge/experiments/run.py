@@ -134,7 +134,7 @@ def _source_recipe(path: str, dtype: str) -> dict[str, Any]:
     return {"merge_method": "linear", "dtype": dtype, "models": [{"model": path, "parameters": {"weight": 1.0}}]}
 
 
-def _named(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
+def recipe_with_paths(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
     """A recipe with model refs replaced by their directories (what mergekit needs)."""
     text = json.dumps(recipe)
     for ref, path in sorted(paths.items(), key=lambda kv: -len(kv[0])):
@@ -157,17 +157,16 @@ def finalize(prep: Prepared, run: RunDir, study, stats: SearchStats, dispatcher)
     ranked = sorted(range(len(top)), key=lambda i: (validation[i].value if validation[i].ok else -1, top[i].value))
     best = top[ranked[-1]]
     default_recipe = space.recipe(space.default_params()).to_dict()
-    tests = [
-        Job(0, best.recipe, seed=trial_seed(seed, best.number), split="test"),
-        Job(1, default_recipe, seed=trial_seed(seed, -1), split="test"),
-    ]
-    sources = [r for r in cfg.models]
-    for i, ref in enumerate(sources):
-        tests.append(Job(2 + i, _source_recipe(ref, cfg.merge.dtype), seed=0, split="test"))
-        tests.append(Job(100 + i, _source_recipe(ref, cfg.merge.dtype), seed=0, split=None))
-    tests.append(Job(99, default_recipe, seed=trial_seed(seed, -1), split=None))
-    scored = run_jobs(dispatcher, tests)
-    best_named = _named(best.recipe, prep.paths)
+    # (candidate, split) -> its score; split None is the search split
+    candidates: dict[tuple[str, str], tuple[dict[str, Any], int]] = {
+        ("best", ""): (best.recipe, trial_seed(seed, best.number)),
+        ("baseline", "default_merge"): (default_recipe, trial_seed(seed, -1)),
+        **{("source", ref): (_source_recipe(ref, cfg.merge.dtype), 0) for ref in cfg.models},
+    }
+    wanted = [(c, split) for c in candidates for split in (("test",) if c[0] == "best" else (None, "test"))]
+    jobs = [Job(k, candidates[c][0], seed=candidates[c][1], split=split) for k, (c, split) in enumerate(wanted)]
+    scored = {wanted[k]: result for k, result in run_jobs(dispatcher, jobs).items()}
+    best_named = recipe_with_paths(best.recipe, prep.paths)
     from evomerge.operators.recipe import Recipe
 
     write_atomic(run.best_recipe, Recipe.from_dict(best_named).to_yaml())
@@ -185,12 +184,12 @@ def finalize(prep: Prepared, run: RunDir, study, stats: SearchStats, dispatcher)
         "best_trial": best.number,
         "best_fitness": best.value,
         "best_validation_fitness": validation[ranked[-1]].value,
-        "best_test_fitness": scored[0].value,
-        "best_test_tasks": scored[0].tasks,
+        "best_test_fitness": scored[("best", ""), "test"].value,
+        "best_test_tasks": scored[("best", ""), "test"].tasks,
         "best_params": best.params,
         "best_recipe": str(run.best_recipe.resolve()),
-        "sources": {ref: pair(scored[100 + i], scored[2 + i]) for i, ref in enumerate(sources)},
-        "baselines": {"default_merge": pair(scored[99], scored[1])},
+        "sources": {c[1]: pair(scored[c, None], scored[c, "test"]) for c in candidates if c[0] == "source"},
+        "baselines": {c[1]: pair(scored[c, None], scored[c, "test"]) for c in candidates if c[0] == "baseline"},
         "trials": _trial_counts(study),
         **_session_figures(run, stats, prep.workers),
     }

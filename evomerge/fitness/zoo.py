@@ -141,13 +141,11 @@ def _write_data(recipe: ZooRecipe, root: Path) -> tuple[dict[str, dict[str, str]
     data.mkdir()
     for task in recipe.tasks:
         entry: dict[str, str] = {}
-        files: dict[str, Path] = {}
         for split in SPLITS:
             items = held_out(task, recipe.split_items[split], recipe.seed + SPLITS.index(split), exclude)
             rel = Path("data") / f"{task}.{split}.jsonl"
             write_jsonl(root / rel, items)
             entry[split] = str(rel)
-            files[split] = rel
         yaml_rel = Path("data") / f"zoo_{task}.yaml"
         entry["lm_eval"] = str(yaml_rel)
         tasks[task] = entry

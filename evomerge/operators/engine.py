@@ -60,12 +60,16 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def _load(pt: PlannedTensor, ckpts: dict[str, Checkpoint], device: torch.device) -> tuple[list[Tensor], Tensor | None]:
-    """Read one planned tensor's inputs in their stored dtype (the read-ahead thread runs this)."""
+def load_inputs(
+    pt: PlannedTensor, ckpts: dict[str, Checkpoint], device: torch.device, *, check_finite: bool = True
+) -> tuple[list[Tensor], Tensor | None]:
+    """One planned tensor's inputs in their stored dtype, cut or padded to the planned
+    vocabulary. The streaming merge checks each for NaN/Inf as it reads it; resident
+    sources that do not change between merges can skip the check."""
 
     def one(ref) -> Tensor:
         t = ckpts[ref.model].get(ref.tensor).to(device=device, non_blocking=True)
-        if t.is_floating_point() and not all_finite(t):
+        if check_finite and t.is_floating_point() and not all_finite(t):
             raise MergeError(f"tensor '{ref.tensor}' of model '{ref.model}' contains NaN or Inf")
         return t
 
@@ -154,12 +158,12 @@ def _stream(plan: MergePlan, ckpts, writer: ShardWriter, dev: torch.device, seed
         ahead = iter(items)
         first = next(ahead, None)
         if first is not None:
-            pending.append(pool.submit(_load, first, ckpts, dev))
+            pending.append(pool.submit(load_inputs, first, ckpts, dev))
         for i, pt in enumerate(items):
             inputs = pending.popleft().result()
             nxt = next(ahead, None)
             if nxt is not None:
-                pending.append(pool.submit(_load, nxt, ckpts, dev))
+                pending.append(pool.submit(load_inputs, nxt, ckpts, dev))
             writer.write(pt.name, merge_planned(pt, plan, inputs, dev, seed))
             if progress:
                 progress(i + 1, len(items))

@@ -18,7 +18,7 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.fitness.evaluate import Evaluator, FitnessConfig
 from evomerge.operators.checkpoint import Checkpoint, TensorInfo, open_checkpoint
-from evomerge.operators.engine import merge_planned, tensor_seed
+from evomerge.operators.engine import load_inputs, merge_planned, tensor_seed
 from evomerge.operators.plan import build_plan
 from evomerge.operators.recipe import Recipe
 
@@ -118,10 +118,7 @@ class MergeWorker:
         for pt in plan.tensors:
             if pt.name not in self.params:
                 raise EvomergeError(f"merged tensor '{pt.name}' is not a parameter of the resident model")
-            inputs = (
-                [self.sources[r.model].get(r.tensor) for r in pt.sources],
-                self.sources[pt.base.model].get(pt.base.tensor) if pt.base else None,
-            )
+            inputs = load_inputs(pt, self.sources, self.device, check_finite=False)
             out = merge_planned(pt, plan, inputs, self.device, seed)
             self.params[pt.name].copy_(out)
 
