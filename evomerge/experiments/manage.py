@@ -78,14 +78,14 @@ def export_trial(path: Path, out: Path, *, trial: int | None = None, device: str
 
     recipe = Recipe.from_dict(recipe_dict, f"trial {number}")
     from evomerge.operators.engine import tensor_seed
-    from evomerge.search.loop import trial_seed
+    from evomerge.search.loop import origin_of, trial_seed
 
     card = _card_extra(cfg, number, study.trials[number].values, summary)
     return run_merge(
         recipe,
         out,
         device=device,
-        seed=tensor_seed(trial_seed(cfg.search.seed, number), "trial"),
+        seed=tensor_seed(trial_seed(cfg.search.seed, origin_of(study.trials[number])), "trial"),
         overwrite=force,
         card_extra=card,
     )

@@ -14,7 +14,7 @@ from typing import Any
 from evomerge.errors import EvomergeError
 from evomerge.experiments.config import ExperimentConfig
 from evomerge.experiments.rundir import RunDir, write_atomic, write_json
-from evomerge.search.loop import Budget, SearchLoop, SearchStats, TrialRecord, trial_seed
+from evomerge.search.loop import Budget, SearchLoop, SearchStats, TrialRecord, record_from_trial, trial_seed
 from evomerge.search.space import SearchSpace
 from evomerge.search.worker import Job, JobResult, WorkerSpec
 
@@ -152,14 +152,14 @@ def finalize(prep: Prepared, run: RunDir, study, stats: SearchStats, dispatcher)
         raise EvomergeError("no trial completed; see the failed trials' errors in the study")
     top = sorted(complete, key=lambda r: r.value or 0.0, reverse=True)[: cfg.search.rerank_top]
     seed = cfg.search.seed
-    jobs = [Job(i, r.recipe, seed=trial_seed(seed, r.number), split="validation") for i, r in enumerate(top)]
+    jobs = [Job(i, r.recipe, seed=trial_seed(seed, r.seed_number), split="validation") for i, r in enumerate(top)]
     validation = run_jobs(dispatcher, jobs)
     ranked = sorted(range(len(top)), key=lambda i: (validation[i].value if validation[i].ok else -1, top[i].value))
     best = top[ranked[-1]]
     default_recipe = space.recipe(space.default_params()).to_dict()
     # (candidate, split) -> its score; split None is the search split
     candidates: dict[tuple[str, str], tuple[dict[str, Any], int]] = {
-        ("best", ""): (best.recipe, trial_seed(seed, best.number)),
+        ("best", ""): (best.recipe, trial_seed(seed, best.seed_number)),
         ("baseline", "default_merge"): (default_recipe, trial_seed(seed, -1)),
         **{("source", ref): (_source_recipe(ref, cfg.merge.dtype), 0) for ref in cfg.models},
     }
@@ -230,15 +230,7 @@ def _session_figures(run: RunDir, stats: SearchStats, workers: int) -> dict[str,
 def _complete_from_study(study, space: SearchSpace) -> list[TrialRecord]:
     from optuna.trial import TrialState
 
-    out = []
-    for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]):
-        value = t.values[0] if len(t.values) == 1 else sum(t.values) / len(t.values)
-        out.append(
-            TrialRecord(
-                t.number, "COMPLETE", t.params, space.recipe(t.params).to_dict(), value, t.values, {}, 0.0, 0.0, 0
-            )
-        )
-    return out
+    return [record_from_trial(t, space) for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])]
 
 
 def run_experiment(
@@ -277,6 +269,8 @@ def run_experiment(
         )
         with observer:
             stats = loop.run()
+        if tracker is not None:
+            tracker.backfill(study, prep.space)  # trials a crash left unlogged, and the interrupted ones
         summary = finalize(prep, run, study, stats, dispatcher)
         summary["total_seconds"] = round(time.monotonic() - started, 2)
         if tracker is not None:

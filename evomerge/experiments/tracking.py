@@ -20,7 +20,7 @@ import yaml
 
 from evomerge.experiments.config import ExperimentConfig
 from evomerge.experiments.rundir import RunDir, write_json
-from evomerge.search.loop import SearchStats, TrialRecord
+from evomerge.search.loop import SearchStats, TrialRecord, record_from_trial
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
@@ -120,6 +120,14 @@ class MlflowTracker:
         self.client.log_text(rid, yaml.safe_dump(record.recipe, sort_keys=False), "recipe.yml")
         self.client.set_terminated(rid, status=STATUS[record.state])
         self.logged.add(record.number)
+
+    def backfill(self, study, space) -> int:
+        """Log every finished trial of the study that has no child run yet (killed between
+        its tell and its log, or interrupted and failed on resume); return how many."""
+        missing = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number not in self.logged]
+        for t in missing:
+            self(record_from_trial(t, space), SearchStats())
+        return len(missing)
 
     def finish(self, summary: dict[str, Any] | None, status: str = "FINISHED") -> None:
         if summary:

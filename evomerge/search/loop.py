@@ -41,6 +41,11 @@ class TrialRecord:
     score_seconds: float
     samples: int
     error: str | None = None
+    origin: int | None = None  # the trial whose random stream this one uses (itself, or the one it retries)
+
+    @property
+    def seed_number(self) -> int:
+        return self.number if self.origin is None else self.origin
 
 
 @dataclass
@@ -66,6 +71,7 @@ class _Flight:
     trial: Any
     params: dict[str, Any]
     recipe: dict[str, Any]
+    origin: int
     stage: int = 0
     merge_seconds: float = 0.0
     score_seconds: float = 0.0
@@ -110,13 +116,14 @@ class SearchLoop:
         return b.seconds is None or time.monotonic() - start < b.seconds
 
     def _job(self, number: int, flight: _Flight) -> Job:
-        return Job(number, flight.recipe, seed=trial_seed(self.seed, number), fraction=self.fractions[flight.stage])
+        seed = trial_seed(self.seed, flight.origin)
+        return Job(number, flight.recipe, seed=seed, fraction=self.fractions[flight.stage])
 
     def _ask(self) -> None:
         trial = self.study.ask()
         params = self.space.sample(trial)
         recipe = self.space.recipe(params).to_dict()
-        flight = _Flight(trial, params, recipe)
+        flight = _Flight(trial, params, recipe, origin_of(trial))
         self.flights[trial.number] = flight
         self.dispatcher.submit(self._job(trial.number, flight))
 
@@ -125,6 +132,15 @@ class SearchLoop:
 
         flight = self.flights.pop(number)
         values = result.values if result.ok else None
+        detail = {
+            "tasks": result.tasks,
+            "merge_seconds": flight.merge_seconds,
+            "score_seconds": flight.score_seconds,
+            "samples": flight.samples,
+        }
+        if result.error:
+            detail["error"] = result.error[:4000]
+        flight.trial.set_user_attr("result", detail)  # in the study before the tell: observers can be replayed
         if state == "COMPLETE":
             self.study.tell(flight.trial, values if len(values or []) > 1 else result.value)
             self.stats.complete += 1
@@ -146,6 +162,7 @@ class SearchLoop:
             flight.score_seconds,
             flight.samples,
             result.error,
+            flight.origin,
         )
         self.stats.records.append(record)
         for observe in self.observers:
@@ -198,19 +215,52 @@ class SearchLoop:
 
 def recover_interrupted(study) -> int:
     """Tell FAIL the trials an interrupted run left RUNNING, and enqueue each one's
-    parameters again (once); return how many trials have finished."""
+    parameters again (once); return how many trials have finished.
+
+    A trial killed between ``ask`` and its first suggestion holds no parameters:
+    it was never dispatched, so it is failed and not retried (there is nothing to
+    repeat; the sampler proposes afresh)."""
     from optuna.trial import TrialState
 
     finished = 0
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.RUNNING:
             study.tell(t.number, state=TrialState.FAIL)
-            if "retry_of" not in t.system_attrs and "retry_of" not in t.user_attrs:
+            if t.params and "retry_of" not in t.user_attrs:
                 study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             finished += 1
         elif t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
             finished += 1
     return finished
+
+
+def record_from_trial(trial, space: SearchSpace) -> TrialRecord:
+    """A finished trial of the study as the loop reported it (for replaying observers
+    and for runs resumed after a crash). A FAIL without a stored result was interrupted."""
+    detail = trial.user_attrs.get("result", {})
+    state = {"COMPLETE": "COMPLETE", "PRUNED": "PRUNED"}.get(trial.state.name, "FAIL")
+    values = list(trial.values or [])
+    value = (values[0] if len(values) == 1 else sum(values) / len(values)) if values else None
+    error = detail.get("error") or (None if state != "FAIL" or detail else "interrupted (the run was killed)")
+    return TrialRecord(
+        trial.number,
+        state,
+        dict(trial.params),
+        space.recipe(trial.params).to_dict() if trial.params else {},
+        value,
+        values,
+        dict(detail.get("tasks", {})),
+        float(detail.get("merge_seconds", 0.0)),
+        float(detail.get("score_seconds", 0.0)),
+        int(detail.get("samples", 0)),
+        error,
+        origin_of(trial),
+    )
+
+
+def origin_of(trial) -> int:
+    """The trial number whose random stream a trial uses: a retry repeats the trial it retries."""
+    return int(trial.user_attrs.get("retry_of", trial.number))
 
 
 def trial_seed(seed: int, number: int) -> int:

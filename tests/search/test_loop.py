@@ -8,8 +8,8 @@ import pytest
 from evomerge.experiments.run import open_study, prepare
 from evomerge.experiments.rundir import RunDir
 from evomerge.search.dispatch import InProcessDispatcher
-from evomerge.search.loop import Budget, SearchLoop
-from evomerge.search.worker import MergeWorker
+from evomerge.search.loop import Budget, SearchLoop, record_from_trial, trial_seed
+from evomerge.search.worker import Job, MergeWorker
 
 from .faulty import FaultyWorker
 
@@ -68,12 +68,13 @@ def test_same_seed_same_search(tiny_cfg, tmp_path):
 
 
 def test_interrupted_trials_are_failed_and_retried_once_and_the_budget_holds(tiny_cfg, tmp_path):
-    loop, study, prep = _loop(tiny_cfg(), tmp_path, trials=5)
+    dare = {"method": "dare_linear", "parameters": {"weight": {"low": 0.0, "high": 1.5}, "density": 0.5}}
+    loop, study, prep = _loop(tiny_cfg(merge=dare), tmp_path, trials=5)
     loop.budget.trials = 2
     loop.run()
     stale = study.ask()  # a trial a killed driver left RUNNING
     params = prep.space.sample(stale)
-    loop2, study2, _ = _loop(tiny_cfg(), tmp_path, trials=5)  # same run dir: same study
+    loop2, study2, _ = _loop(tiny_cfg(merge=dare), tmp_path, trials=5)  # same run dir: same study
     stats = loop2.run()
     trials = study2.trials
     assert trials[stale.number].state == optuna.trial.TrialState.FAIL
@@ -81,3 +82,25 @@ def test_interrupted_trials_are_failed_and_retried_once_and_the_budget_holds(tin
     assert len(retried) == 1 and retried[0].params == pytest.approx(params)
     assert retried[0].state == optuna.trial.TrialState.COMPLETE
     assert len(trials) == 5 and stats.finished == 2  # 2 before + the stale FAIL + its retry + 1 new = 5
+    # the retry repeats the interrupted trial's random stream (DARE masks): same tensors, same score
+    recipe = prep.space.recipe(params).to_dict()
+    worker = MergeWorker(prep.spec)
+    same = worker.run(Job(0, recipe, seed=trial_seed(0, stale.number)))
+    other = worker.run(Job(0, recipe, seed=trial_seed(0, retried[0].number)))
+    assert retried[0].value == same.value
+    assert same.tasks != other.tasks or same.value != other.value  # the seed matters, so the check can fail
+    record = record_from_trial(retried[0], prep.space)
+    assert record.seed_number == stale.number and record.tasks == same.tasks and record.samples == 60
+
+
+def test_a_trial_killed_before_its_parameters_is_failed_not_retried(tiny_cfg, tmp_path):
+    loop, study, _ = _loop(tiny_cfg(), tmp_path, trials=4)
+    loop.budget.trials = 2
+    loop.run()
+    empty = study.ask()  # killed between ask and the first suggestion: no parameters
+    loop2, study2, _ = _loop(tiny_cfg(), tmp_path, trials=4)
+    loop2.run()
+    trials = study2.trials
+    assert trials[empty.number].state == optuna.trial.TrialState.FAIL
+    assert not any("retry_of" in t.user_attrs for t in trials)
+    assert len(trials) == 4 and all(t.params for t in trials if t.number != empty.number)
