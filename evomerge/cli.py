@@ -208,12 +208,22 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from evomerge.experiments.manage import export_trial
+    from evomerge.experiments.export import export_trial
 
-    result = export_trial(
-        Path(args.run_dir), Path(args.out_dir), trial=args.trial, device=args.device, force=args.force
+    done = export_trial(
+        Path(args.run_dir),
+        Path(args.out_dir),
+        trial=args.trial,
+        device=args.device,
+        force=args.force,
+        register=not args.no_register,
+        tracking_uri=args.tracking_uri,
     )
-    print(f"exported {result.tensors} tensors to {result.out_dir}")
+    record = done.record
+    print(f"exported trial {done.trial} ({done.merge.tensors} tensors) to {done.merge.out_dir}")
+    print(f"search fitness {record['search_fitness']:.4f}, test fitness {record['test_fitness']:.4f}")
+    if done.registered:
+        print(f"registered in MLflow as model '{done.registered[0]}' version {done.registered[1]}")
     return 0
 
 
@@ -224,7 +234,58 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trial", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    p.add_argument("--no-register", action="store_true", help="do not register the model in the MLflow registry")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, ./mlflow.db)")
     p.set_defaults(func=_export)
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from evomerge.experiments.lineage import build_tree, draw, render_text
+
+    target = Path(args.path)
+    tree = build_tree(target)
+    print(render_text(tree))
+    with tempfile.TemporaryDirectory() as tmp:
+        png = draw(tree, Path(args.out) if args.out else Path(tmp) / "tree.png")
+        if args.out:
+            print(f"drawn to {png}")
+        if not args.no_log:
+            from evomerge.experiments.tracking import log_lineage
+
+            run_id = log_lineage(tree.to_dict(), png, target.resolve(), args.tracking_uri)
+            print(f"logged to MLflow run {run_id} (artifacts lineage/)")
+    return 0
+
+
+def _add_lineage(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lineage", help="the family tree of a model directory or a run's best merge")
+    p.add_argument("path", help="a model directory (an export, a mergekit output, a fine-tune) or a run directory")
+    p.add_argument("--out", default=None, help="also write the tree as this PNG file")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, ./mlflow.db)")
+    p.add_argument("--no-log", action="store_true", help="do not log the tree to MLflow")
+    p.set_defaults(func=_lineage)
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    from evomerge.experiments.leaderboard import collect, render
+    from evomerge.experiments.tracking import tracking_uri
+
+    text = render(collect(tracking_uri(args.tracking_uri)))
+    print(text)
+    if args.out:
+        from evomerge.experiments.rundir import write_atomic
+
+        write_atomic(Path(args.out), text)
+    return 0
+
+
+def _add_leaderboard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("leaderboard", help="rank exported merges and source models by test fitness")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, ./mlflow.db)")
+    p.add_argument("--out", default=None, help="also write the leaderboard as this Markdown file")
+    p.set_defaults(func=_leaderboard)
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -269,6 +330,8 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_resume,
     _add_status,
     _add_export,
+    _add_lineage,
+    _add_leaderboard,
     _add_ui,
 ]
 

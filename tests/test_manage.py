@@ -14,23 +14,109 @@ from .search.conftest import tiny_config
 
 
 @pytest.fixture
-def finished_run(tiny_zoo, tmp_path):
+def finished_run(tiny_zoo, tmp_path, monkeypatch):
+    """A finished run tracked in its own MLflow store (also the default for the CLI calls)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
     cfg = tiny_config(tiny_zoo).resolved()
     out = tmp_path / "run"
     run_experiment(cfg, out, RunOptions(quiet=True, in_process=True))
     return out
 
 
-def test_export_reproduces_the_recorded_fitness(finished_run, tmp_path, capsys):
+def test_export_reproduces_the_recorded_fitness_and_registers_the_model(finished_run, tmp_path, capsys):
     summary = json.loads((finished_run / "summary.json").read_text())
     out = tmp_path / "exported"
     assert main(["export", str(finished_run), str(out)]) == 0
     card = (out / "README.md").read_text()
     assert "trial" in card and "mergekit" in card and (out / "mergekit_config.yml").is_file()
+    assert f"Test fitness: **{summary['best_test_fitness']:.4f}**" in card
+    record = json.loads((out / "evomerge.json").read_text())
+    assert record["trial"] == summary["best_trial"] and record["test_fitness"] == summary["best_test_fitness"]
+    assert sorted(p["name"] for p in record["parents"]) == ["base", "cp", "rev", "sort"]
+    assert all(p["license"] == "apache-2.0" and len(p["hash"]) == 16 for p in record["parents"])
+    assert len({p["hash"] for p in record["parents"]}) == 4  # content fingerprints tell the models apart
+    assert record["registered"] == {"name": "tiny", "version": "1"}
     capsys.readouterr()
     assert main(["eval", str(out), "--config", str(finished_run / "config.yaml"), "--split", "search"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["fitness"] == summary["best_fitness"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    version = client.get_model_version("tiny", "1")
+    assert version.source == str(out.resolve())
+    assert version.tags["trial"] == str(summary["best_trial"]) and version.tags["evomerge.kind"] == "merge"
+    assert {p["name"] for p in json.loads(version.tags["lineage"])} == {"base", "cp", "rev", "sort"}
+    assert client.get_run(version.run_id).data.tags["trial"] == str(summary["best_trial"])
+
+
+def test_export_of_another_trial_measures_its_test_fitness(finished_run, tmp_path):
+    from evomerge.experiments.config import load_config
+    from evomerge.fitness.scoring import evaluate_model_dir
+
+    summary = json.loads((finished_run / "summary.json").read_text())
+    other = next(n for n in range(6) if n != summary["best_trial"])
+    out = tmp_path / "other"
+    assert main(["export", str(finished_run), str(out), "--trial", str(other), "--no-register"]) == 0
+    record = json.loads((out / "evomerge.json").read_text())
+    measured = evaluate_model_dir(out, load_config(finished_run / "config.yaml"), split="test")
+    assert record["trial"] == other and record["test_fitness"] == measured.fitness
+    assert record["test_tasks"] == measured.tasks and "registered" not in record
+
+
+def test_lineage_of_an_export_reaches_the_base_through_the_specialists(finished_run, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert main(["export", str(finished_run), str(out)]) == 0
+    png = tmp_path / "tree.png"
+    capsys.readouterr()
+    assert main(["lineage", str(out), "--out", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0] == "exported" and "<-task_arithmetic- cp [apache-2.0]" in text
+    assert "<-finetune/base- base [apache-2.0]" in text  # a specialist's own parent, from its model card
+    assert png.stat().st_size > 10_000
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    run_id = client.get_model_version("tiny", "1").run_id  # the trial's child run holds the tree
+    assert {a.path for a in client.list_artifacts(run_id, "lineage")} == {"lineage/tree.json", "lineage/tree.png"}
+
+
+def test_lineage_follows_merges_of_merges_written_by_mergekit(tiny_zoo, tmp_path, capsys):
+    from evomerge.experiments.lineage import build_tree
+    from evomerge.operators.engine import run_merge
+    from evomerge.operators.recipe import Recipe
+
+    def merge(out, models, method="linear"):
+        data = {"merge_method": method, "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]}
+        run_merge(Recipe.from_dict(data, "test"), out)
+        return out
+
+    first = merge(tmp_path / "first", [tiny_zoo / "cp", tiny_zoo / "rev"])
+    second = merge(tmp_path / "second", [first, tiny_zoo / "sort"])
+    (second / "README.md").write_text("no front matter")  # mergekit_config.yml alone must do
+    tree = build_tree(second)
+    edges = {(tree.nodes[e.parent].name, tree.nodes[e.child].name, e.method) for e in tree.edges}
+    assert ("first", "second", "linear") in edges and ("cp", "first", "linear") in edges
+    assert ("base", "sort", "finetune") in edges and len(tree.nodes) == 6
+    assert main(["lineage", str(tmp_path / "nope"), "--no-log"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_leaderboard_ranks_exports_and_sources_by_test_fitness(finished_run, tmp_path, capsys):
+    assert main(["export", str(finished_run), str(tmp_path / "exported")]) == 0
+    summary = json.loads((finished_run / "summary.json").read_text())
+    board = tmp_path / "board.md"
+    capsys.readouterr()
+    assert main(["leaderboard", "--out", str(board)]) == 0
+    text = board.read_text()
+    assert text.strip() in capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| rank")]
+    assert len(rows) == 5 and "## Tasks: cp, rev, sort" in text  # the export and the four source models
+    scores = [float(r.split("|")[5]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    merged = next(r for r in rows if "| merge |" in r)
+    assert f"{summary['best_test_fitness']:.4f}" in merged and "tiny v1" in merged
+    assert {r.split("|")[2].strip() for r in rows if "| source |" in r} == {"base", "cp", "rev", "sort"}
 
 
 def test_status_lists_the_top_trials(finished_run, capsys):

@@ -24,8 +24,12 @@ def test_every_trial_is_a_child_run_and_resume_adds_no_duplicates(tiny_zoo, tmp_
     run_experiment(cfg, out, RunOptions(quiet=True, in_process=True, tracking_uri=uri))
     client, runs = _runs(uri, "tracked")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = [r for r in runs if "trial" in r.data.tags]
+    sources = [r for r in runs if r.data.tags.get("evomerge.kind") == "source"]
     assert len(parents) == 1 and len(children) == 6
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children + sources)
+    assert sorted(r.data.tags["source"] for r in sources) == ["zoo:base", "zoo:cp", "zoo:rev", "zoo:sort"]
+    assert all(0 <= r.data.metrics["test_fitness"] <= 1 and "test.acc.rev" in r.data.metrics for r in sources)
     assert sorted(int(r.data.tags["trial"]) for r in children) == list(range(6))
     child = children[0]
     assert child.data.tags["state"] == "COMPLETE" and "fitness" in child.data.metrics
@@ -34,6 +38,9 @@ def test_every_trial_is_a_child_run_and_resume_adds_no_duplicates(tiny_zoo, tmp_
     assert any(k.startswith("source.zoo:") for k in child.data.tags)
     assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["recipe.yml"]
     assert parents[0].data.metrics["best_test_fitness"] >= 0
+    reports = {a.path for a in client.list_artifacts(parents[0].info.run_id, "reports")}
+    assert reports == {"reports/history.png", "reports/importance.png"}
+    assert (out / "reports" / "history.png").stat().st_size > 10_000
     # a resumed run with a larger budget reuses the parent and logs only the new trials
     bigger = tiny_config(tiny_zoo, name="tracked", search__trials=8).resolved()
     run_experiment(bigger, out, RunOptions(quiet=True, in_process=True, tracking_uri=uri), resume=True)
@@ -41,6 +48,7 @@ def test_every_trial_is_a_child_run_and_resume_adds_no_duplicates(tiny_zoo, tmp_
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
     trials = sorted(int(r.data.tags["trial"]) for r in runs if "trial" in r.data.tags)
     assert trials == list(range(8))
+    assert len([r for r in runs if r.data.tags.get("evomerge.kind") == "source"]) == 4  # not logged twice
 
 
 @pytest.mark.parametrize("state", ["FAIL"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,12 +143,12 @@ def recipe_with_paths(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str
     return json.loads(text)
 
 
-def finalize(prep: Prepared, run: RunDir, study, stats: SearchStats, dispatcher) -> dict[str, Any]:
+def finalize(
+    prep: Prepared, run: RunDir, study, stats: SearchStats, dispatcher, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Re-rank the top candidates on validation, score the pick, sources and default on test."""
     cfg, space = prep.cfg, prep.space
-    complete = [r for r in stats.records if r.state == "COMPLETE" and r.value is not None]
-    if not complete:
-        complete = _complete_from_study(study, space)
+    complete = _complete_from_study(study, space)  # every session's trials: a resumed run has earlier ones
     if not complete:
         raise EvomergeError("no trial completed; see the failed trials' errors in the study")
     top = sorted(complete, key=lambda r: r.value or 0.0, reverse=True)[: cfg.search.rerank_top]
@@ -161,7 +162,7 @@ def finalize(prep: Prepared, run: RunDir, study, stats: SearchStats, dispatcher)
     candidates: dict[tuple[str, str], tuple[dict[str, Any], int]] = {
         ("best", ""): (best.recipe, trial_seed(seed, best.seed_number)),
         ("baseline", "default_merge"): (default_recipe, trial_seed(seed, -1)),
-        **{("source", ref): (_source_recipe(ref, cfg.merge.dtype), 0) for ref in cfg.models},
+        **{("source", ref): (_source_recipe(ref, cfg.merge.dtype), 0) for ref in _scored_sources(cfg)},
     }
     wanted = [(c, split) for c in candidates for split in (("test",) if c[0] == "best" else (None, "test"))]
     jobs = [Job(k, candidates[c][0], seed=candidates[c][1], split=split) for k, (c, split) in enumerate(wanted)]
@@ -197,8 +198,16 @@ def finalize(prep: Prepared, run: RunDir, study, stats: SearchStats, dispatcher)
         summary["pareto_front"] = [
             {"trial": t.number, "values": dict(zip(cfg.fitness.objectives, t.values))} for t in study.best_trials
         ]
+    from evomerge.experiments.plots import REPORTS, write_reports
+
+    summary["reports"] = [p.name for p in write_reports(study, cfg.fitness.objectives, run.path / REPORTS, log)]
     write_json(run.summary, summary)
     return summary
+
+
+def _scored_sources(cfg: ExperimentConfig) -> list[str]:
+    """The models merged, and the base model too (users compare a merge with every model it came from)."""
+    return list(cfg.models) + ([cfg.base_model] if cfg.base_model and cfg.base_model not in cfg.models else [])
 
 
 def _trial_counts(study) -> dict[str, int]:
@@ -271,7 +280,7 @@ def run_experiment(
             stats = loop.run()
         if tracker is not None:
             tracker.backfill(study, prep.space)  # trials a crash left unlogged, and the interrupted ones
-        summary = finalize(prep, run, study, stats, dispatcher)
+        summary = finalize(prep, run, study, stats, dispatcher, log)
         summary["total_seconds"] = round(time.monotonic() - started, 2)
         if tracker is not None:
             summary["tracking_uri"] = tracker.uri

@@ -37,29 +37,75 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+def open_client(uri: str):
+    """An MlflowClient on ``uri`` whose store is ready. MLflow creates a SQLite store's
+    tables on first use, and two processes doing so at once fail ("table ... already
+    exists", "duplicate column name"); a file lock beside the database serialises that."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)  # the tracking store's tables, under the lock
+            client.search_registered_models(max_results=1)  # and the model registry's
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
+
+
 def mlflow_key(name: str) -> str:
     """A searched parameter's name as MLflow accepts it: weight[zoo:add]@mlp -> weight.zoo:add.mlp."""
     return name.replace("[", ".").replace("]", "").replace("@", ".")
 
 
-def model_hash(path: str) -> str:
-    """A content hash of a model directory's weights (file names, sizes and safetensors headers)."""
+def model_hash(path: str, blocks: int = 256, block: int = 4096) -> str:
+    """A content fingerprint of a model directory's weights: every safetensors file's name,
+    size and header, and ``blocks`` blocks sampled evenly through its data (fine-tunes of
+    one base share their headers, never their weights). Reads about 1 MiB per file."""
     h = hashlib.sha256()
     for f in sorted(Path(path).glob("*.safetensors")):
+        size = f.stat().st_size
         with f.open("rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
-            h.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(min(n, 1 << 24)))
+            h.update(f.name.encode() + str(size).encode() + fh.read(min(n, 1 << 24)))
+            start = 8 + n
+            span = max(0, size - start - block)
+            for i in range(blocks):
+                fh.seek(start + span * i // max(1, blocks - 1))
+                h.update(fh.read(block))
     return h.hexdigest()[:16]
+
+
+def trial_run_id(client, run: RunDir, number: int, uri: str) -> str | None:
+    """The child run of trial ``number`` of a run directory tracked in ``uri`` (None when not tracked there)."""
+    state = run.path / "mlflow.json"
+    if not state.is_file():
+        return None
+    saved = json.loads(state.read_text())
+    if saved.get("tracking_uri") != uri:
+        return None
+    parent = client.get_run(saved["parent_run_id"])
+    found = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{saved['parent_run_id']}' and tags.trial = '{number}'",
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
 
 
 class MlflowTracker:
     """A search-loop observer that records every finished trial as a child run."""
 
     def __init__(self, cfg: ExperimentConfig, run: RunDir, paths: dict[str, str], uri: str | None = None):
-        from mlflow.tracking import MlflowClient
-
         self.uri = tracking_uri(uri)
-        self.client = MlflowClient(self.uri)
+        self.client = open_client(self.uri)
         exp = self.client.get_experiment_by_name(cfg.name)
         self.experiment_id = (
             exp.experiment_id
@@ -137,4 +183,67 @@ class MlflowTracker:
                     self.client.log_metric(self.parent_id, key, float(summary[key]))
             self.client.set_tag(self.parent_id, "best_trial", str(summary.get("best_trial")))
             self.client.log_text(self.parent_id, json.dumps(summary, indent=2), "summary.json")
+            self._log_sources(summary)
+            reports = self.run.path / "reports"
+            if reports.is_dir():
+                self.client.log_artifacts(self.parent_id, str(reports), "reports")
         self.client.set_terminated(self.parent_id, status=status)
+
+    def _log_sources(self, summary: dict[str, Any]) -> None:
+        """The source models' scores as child runs tagged ``evomerge.kind=source`` (once per run)."""
+        from mlflow.entities import Metric, RunTag
+
+        done = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.`evomerge.kind` = 'source'",
+            max_results=1000,
+        )
+        seen = {r.data.tags.get("source") for r in done}
+        tasks = ",".join(sorted({t for s in summary.get("sources", {}).values() for t in (s.get("test_tasks") or {})}))
+        for ref, scores in summary.get("sources", {}).items():
+            if ref in seen or scores.get("test_fitness") is None:
+                continue
+            name, _, digest = self.tags.get(f"source.{ref}", ref).partition("@")
+            tags = {"evomerge.kind": "source", "source": ref, "model": name, "hash": digest, "tasks": tasks}
+            child = self.client.create_run(
+                self.experiment_id, run_name=f"source-{name}", tags={"mlflow.parentRunId": self.parent_id, **tags}
+            )
+            metrics = {"test_fitness": scores["test_fitness"], "fitness": scores.get("fitness")}
+            metrics |= {f"test.acc.{t}": v for t, v in (scores.get("test_tasks") or {}).items()}
+            self.client.log_batch(
+                child.info.run_id,
+                metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items() if v is not None],
+                tags=[RunTag(k, v) for k, v in tags.items()],
+            )
+            self.client.set_terminated(child.info.run_id)
+
+
+def log_lineage(tree_json: dict[str, Any], png: Path, target: Path, uri: str | None = None) -> str:
+    """Log a family tree (JSON and PNG) to MLflow; return the run it went to.
+
+    The run is the trial's child run for an evomerge export tracked in this store, the
+    parent run for a run directory, else a run named after the model in the experiment
+    ``evomerge-lineage``."""
+    from evomerge.experiments.lineage import LINEAGE_FILE
+
+    uri = tracking_uri(uri)
+    client = open_client(uri)
+    run_id = None
+    record = target / LINEAGE_FILE
+    if record.is_file():
+        data = json.loads(record.read_text())
+        if Path(data.get("run_dir", "")).is_dir():
+            run_id = trial_run_id(client, RunDir(Path(data["run_dir"])), int(data["trial"]), uri)
+    state = target / "mlflow.json"
+    if run_id is None and state.is_file():
+        saved = json.loads(state.read_text())
+        run_id = saved["parent_run_id"] if saved.get("tracking_uri") == uri else None
+    if run_id is None:
+        exp = client.get_experiment_by_name("evomerge-lineage")
+        exp_id = exp.experiment_id if exp else client.create_experiment("evomerge-lineage", _artifact_root(uri))
+        created = client.create_run(exp_id, run_name=target.name, tags={"model_dir": str(target)})
+        run_id = created.info.run_id
+        client.set_terminated(run_id)
+    client.log_text(run_id, json.dumps(tree_json, indent=2), "lineage/tree.json")
+    client.log_artifact(run_id, str(png), "lineage")
+    return run_id

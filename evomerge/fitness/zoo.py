@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import EvomergeError
@@ -159,11 +160,20 @@ def write_lm_eval_yamls(root: Path, tasks: dict[str, dict[str, str]]) -> None:
         (root / entry["lm_eval"]).write_text(_lm_eval_yaml(task, files))
 
 
-def _save(model, tokenizer_dir: Path, path: Path) -> str:
+def _save(model, tokenizer_dir: Path, path: Path, card: str) -> str:
     model.save_pretrained(path, safe_serialization=True)
     for f in tokenizer_dir.iterdir():
         (path / f.name).write_bytes(f.read_bytes())
+    (path / "README.md").write_text(card)
     return str(path.name)
+
+
+def _card(name: str, about: str, parent: str | None = None) -> str:
+    """A model card whose front matter the Hub (and ``evomerge lineage``) reads."""
+    front: dict[str, Any] = {"license": "apache-2.0", "library_name": "transformers", "tags": ["evomerge-zoo"]}
+    if parent:
+        front |= {"base_model": f"../{parent}", "base_model_relation": "finetune"}
+    return f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# evomerge zoo: {name}\n\n{about}\n"
 
 
 def build_zoo(
@@ -188,11 +198,13 @@ def build_zoo(
         log(
             f"zoo: base trained ({recipe.base_steps} steps, final loss {loss:.3f}, {time.perf_counter() - start:.0f} s)"
         )
-        models: dict[str, dict[str, Any]] = {"base": {"path": _save(base, tok_dir, tmp / "base")}}
+        about = "A tiny Llama pre-trained by `evomerge zoo` on a mix of synthetic tasks."
+        models: dict[str, dict[str, Any]] = {"base": {"path": _save(base, tok_dir, tmp / "base", _card("base", about))}}
         for spec in recipe.specialists:
             ft = copy.deepcopy(base)
             loss = _train(ft, sampler, {spec.task: 1.0}, spec.steps, spec.lr, recipe.batch)
-            models[spec.task] = {"path": _save(ft, tok_dir, tmp / spec.task)}
+            about = f"The zoo's base fine-tuned by `evomerge zoo` on the '{spec.task}' task."
+            models[spec.task] = {"path": _save(ft, tok_dir, tmp / spec.task, _card(spec.task, about, "base"))}
             log(f"zoo: specialist '{spec.task}' trained ({spec.steps} steps, loss {loss:.3f})")
         for f in tok_dir.iterdir():
             f.unlink()

@@ -131,8 +131,13 @@ def run_merge(
     resolver: ModelResolver | None = None,
     progress: Callable[[int, int], None] | None = None,
     card_extra: str = "",
+    before_commit: Callable[[Path], list[str]] | None = None,
 ) -> MergeResult:
-    """Merge ``recipe`` into the Hugging Face model directory ``out_dir`` (atomically)."""
+    """Merge ``recipe`` into the Hugging Face model directory ``out_dir`` (atomically).
+
+    ``before_commit`` sees the finished directory under its temporary name (it may
+    evaluate it and add files, whose names it returns) before the directory takes its
+    final name; if it raises, nothing is left behind."""
     start = time.perf_counter()
     dev = _pick_device(device)
     ckpts = open_sources(recipe, resolver or resolve_model_path, allow_pickle)
@@ -146,6 +151,8 @@ def run_merge(
         finally:
             writer.abort()
         files += write_model_files(plan, ckpts, tmp, seed=seed, card_extra=card_extra)
+        if before_commit is not None:
+            files = sorted(set(files + before_commit(tmp)))
     nbytes = sum(t.dtype.itemsize * math.prod(t.shape) for t in plan.tensors)
     return MergeResult(out, len(plan.tensors), nbytes, time.perf_counter() - start, files)
 

@@ -1,0 +1,187 @@
+"""Export a trial of a run as a Hugging Face model directory.
+
+The merge goes through the streaming engine with the trial's own random stream, so
+the exported tensors are the ones that were scored. Before the directory takes its
+final name, its test fitness is known (from the run's final scoring, or measured on
+the directory itself), the model card gains the search and test figures, and
+``evomerge.json`` records the lineage: the parents with paths, content hashes and
+licences, the method, the experiment and the trial. Then a version of the registered
+model named after the experiment is created in the MLflow model registry, tagged with
+that lineage and those figures (``evomerge leaderboard`` reads them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.experiments.config import ExperimentConfig, load_config
+from evomerge.experiments.lineage import LINEAGE_FILE, license_of
+from evomerge.experiments.rundir import RunDir, write_json
+from evomerge.operators.engine import MergeResult
+
+
+@dataclass
+class Exported:
+    merge: MergeResult
+    trial: int
+    record: dict[str, Any]  # the contents of evomerge.json
+    registered: tuple[str, str] | None = None  # (registered model, version)
+
+
+def export_trial(
+    path: Path,
+    out: Path,
+    *,
+    trial: int | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    register: bool = True,
+    tracking_uri: str | None = None,
+) -> Exported:
+    """Materialise the best (or the given) trial of a run as a Hugging Face model directory."""
+    import optuna
+
+    from evomerge.experiments.run import prepare, recipe_with_paths
+    from evomerge.experiments.tracking import model_hash
+    from evomerge.operators.engine import run_merge, tensor_seed
+    from evomerge.operators.recipe import Recipe
+    from evomerge.search.loop import origin_of, trial_seed
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    run = RunDir(path)
+    if not run.config.is_file():
+        raise EvomergeError(f"{path}: not a run directory (no config.yaml)")
+    cfg = load_config(run.config)
+    summary = json.loads(run.summary.read_text()) if run.summary.is_file() else {}
+    number = trial if trial is not None else summary.get("best_trial")
+    if number is None:
+        raise EvomergeError(f"{path}: no finished search (no summary.json); name a trial with --trial")
+    study = optuna.load_study(study_name=cfg.name, storage=run.storage)
+    if not 0 <= number < len(study.trials) or study.trials[number].state.name != "COMPLETE":
+        raise EvomergeError(f"{path}: trial {number} is not a complete trial of this run")
+    frozen = study.trials[number]
+    prep = prepare(cfg, log=lambda _: None)
+    named = recipe_with_paths(prep.space.recipe(frozen.params).to_dict(), prep.paths)
+    recipe = Recipe.from_dict(named, f"trial {number}")
+    record: dict[str, Any] = {
+        "experiment": cfg.name,
+        "run_dir": str(run.path.resolve()),
+        "trial": number,
+        "method": recipe.merge_method,
+        "parents": [
+            {
+                "name": Path(p).name,
+                "ref": ref,
+                "path": str(Path(p).resolve()),
+                "hash": model_hash(p),
+                "license": license_of(Path(p)),
+                "role": "base" if ref == cfg.base_model else "source",
+            }
+            for ref, p in prep.paths.items()
+        ],
+        "tasks": list(cfg.fitness.tasks),
+        "search_split": cfg.fitness.split,
+        "search_fitness": frozen.values[0],
+    }
+    if summary.get("best_trial") == number and summary.get("best_test_fitness") is not None:
+        record["test_fitness"], record["test_tasks"] = summary["best_test_fitness"], summary["best_test_tasks"]
+
+    def finish(tmp: Path) -> list[str]:
+        if "test_fitness" not in record:
+            from evomerge.fitness.scoring import evaluate_model_dir
+
+            result = evaluate_model_dir(tmp, cfg, split="test")
+            record["test_fitness"], record["test_tasks"] = result.fitness, result.tasks
+        with (tmp / "README.md").open("a") as card:
+            card.write(_evaluation_section(record))
+        write_json(tmp / LINEAGE_FILE, record)
+        return [LINEAGE_FILE]
+
+    merged = run_merge(
+        recipe,
+        out,
+        device=device,
+        seed=tensor_seed(trial_seed(cfg.search.seed, origin_of(frozen)), "trial"),
+        overwrite=force,
+        card_extra=_search_section(cfg, number, frozen.values),
+        before_commit=finish,
+    )
+    exported = Exported(merged, number, record)
+    if register:
+        exported.registered = register_export(cfg, run, out, record, tracking_uri)
+        record["registered"] = {"name": exported.registered[0], "version": exported.registered[1]}
+        write_json(out / LINEAGE_FILE, record)
+    return exported
+
+
+def _search_section(cfg: ExperimentConfig, number: int, values: list[float]) -> str:
+    return "\n".join(
+        [
+            "## Search",
+            "",
+            f"Found by evomerge experiment `{cfg.name}`, trial {number}, with the "
+            f"{cfg.search.sampler} sampler (seed {cfg.search.seed}) on the tasks {', '.join(cfg.fitness.tasks)}.",
+            "",
+            f"- search fitness ({cfg.fitness.split} split): {values[0]:.4f}",
+        ]
+    )
+
+
+def _evaluation_section(record: dict[str, Any]) -> str:
+    rows = [f"| {task} | {acc:.4f} |" for task, acc in record["test_tasks"].items()]
+    return "\n".join(
+        [
+            "",
+            "## Evaluation (test split)",
+            "",
+            f"Test fitness: **{record['test_fitness']:.4f}** (held-out items, never seen by the search).",
+            "",
+            "| task | accuracy |",
+            "|---|---|",
+            *rows,
+            "",
+            "The lineage (parents, content hashes, licences) is in `evomerge.json`; "
+            "`evomerge lineage` draws the family tree.",
+            "",
+        ]
+    )
+
+
+def register_export(
+    cfg: ExperimentConfig, run: RunDir, out: Path, record: dict[str, Any], uri: str | None
+) -> tuple[str, str]:
+    """A new version of the registered model ``cfg.name``, its source the exported
+    directory, linked to the trial's child run when the run was tracked in this store."""
+    from mlflow.exceptions import MlflowException
+
+    from evomerge.experiments.tracking import open_client, tracking_uri, trial_run_id
+
+    uri = tracking_uri(uri)
+    client = open_client(uri)
+    try:
+        client.get_registered_model(cfg.name)
+    except MlflowException:
+        client.create_registered_model(cfg.name, description=f"Merges exported from evomerge experiment {cfg.name}")
+    tags = {
+        "evomerge.kind": "merge",
+        "experiment": cfg.name,
+        "trial": str(record["trial"]),
+        "method": record["method"],
+        "run_dir": record["run_dir"],
+        "tasks": ",".join(record["tasks"]),
+        "test_fitness": repr(record["test_fitness"]),
+        "lineage": json.dumps([{k: p[k] for k in ("name", "hash", "license", "role")} for p in record["parents"]]),
+        **{f"test.acc.{t}": repr(v) for t, v in record["test_tasks"].items()},
+    }
+    version = client.create_model_version(
+        cfg.name,
+        str(out.resolve()),
+        run_id=trial_run_id(client, run, record["trial"], uri),
+        tags=tags,
+        description=f"trial {record['trial']} of {record['run_dir']}",
+    )
+    return cfg.name, str(version.version)

@@ -1,0 +1,246 @@
+"""Family trees of merged models: where a model comes from, merges of merges included.
+
+A model directory names its parents in, by preference:
+
+1. ``evomerge.json``, written by ``evomerge export`` (parents with paths, content
+   hashes and licences, the merge method, the experiment and trial);
+2. ``mergekit_config.yml``, written by mergekit and by evomerge (every ``model:`` of
+   ``models:`` or ``slices:`` and the ``base_model``; the edge is the ``merge_method``),
+   or a run directory's ``best_recipe.yml`` (the run's best candidate, not exported yet);
+3. the model card's front matter (``base_model``, with ``base_model_relation`` or
+   ``finetune`` as the edge), as the Hugging Face Hub records fine-tunes.
+
+A parent that resolves to a local directory (absolute, or relative to the child) is
+followed in turn; anything else (a Hub id) is a leaf. Licences come from
+``evomerge.json`` or the card's ``license:``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.errors import EvomergeError
+
+LINEAGE_FILE = "evomerge.json"
+
+
+@dataclass
+class Node:
+    key: str  # a resolved path, or the reference as written when it is not local
+    name: str
+    license: str | None = None
+    local: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Edge:
+    parent: str
+    child: str
+    method: str
+    role: str = "source"  # source or base
+
+
+@dataclass
+class Tree:
+    root: str
+    nodes: dict[str, Node] = field(default_factory=dict)
+    edges: list[Edge] = field(default_factory=list)
+
+    def parents(self, key: str) -> list[Edge]:
+        return [e for e in self.edges if e.child == key]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root": self.root,
+            "nodes": [vars(n) for n in self.nodes.values()],
+            "edges": [vars(e) for e in self.edges],
+        }
+
+
+def front_matter(model_dir: Path) -> dict[str, Any]:
+    """The YAML front matter of ``model_dir/README.md`` ({} when there is none or it is unreadable)."""
+    card = model_dir / "README.md"
+    if not card.is_file():
+        return {}
+    text = card.read_text(errors="replace")
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    try:
+        data = yaml.safe_load(text[3:end]) if end > 0 else None
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def license_of(model_dir: Path) -> str | None:
+    value = front_matter(model_dir).get("license")
+    return str(value) if value else None
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def _mergekit_parents(config: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
+    """(method, [(reference, role)]) of a mergekit config."""
+    refs: list[tuple[str, str]] = []
+
+    def add(model: Any, role: str = "source") -> None:
+        if isinstance(model, dict):
+            model = model.get("model") or model.get("path")
+        if model:
+            ref = str(model).split("+")[0]  # a LoRA suffix is not a parent of its own
+            if ref not in [r for r, _ in refs]:
+                refs.append((ref, role))
+
+    base = config.get("base_model")
+    for entry in config.get("models") or []:
+        add(entry.get("model") if isinstance(entry, dict) else entry)
+    for piece in config.get("slices") or []:
+        for source in (piece or {}).get("sources") or []:
+            add(source.get("model") if isinstance(source, dict) else None)
+    if base:
+        add(base, "base")
+        refs = [(r, "base" if r == str(base).split("+")[0] else role) for r, role in refs]
+    return str(config.get("merge_method", "merge")), refs
+
+
+def parents_of(model_dir: Path) -> tuple[str, list[tuple[str, str]], dict[str, Any]]:
+    """(edge method, [(reference, role)], metadata) of a model directory."""
+    record = model_dir / LINEAGE_FILE
+    if record.is_file():
+        try:
+            data = json.loads(record.read_text())
+        except json.JSONDecodeError as err:
+            raise EvomergeError(f"{record}: not valid JSON ({err.msg})") from None
+        refs = [(p.get("path") or p["name"], p.get("role", "source")) for p in data.get("parents", [])]
+        return data.get("method", "merge"), refs, data
+    for config in (model_dir / "mergekit_config.yml", model_dir / "best_recipe.yml"):  # a model; a run directory
+        if not config.is_file():
+            continue
+        try:
+            raw = yaml.safe_load(config.read_text())
+        except yaml.YAMLError as err:
+            raise EvomergeError(f"{config}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if isinstance(raw, dict):
+            method, refs = _mergekit_parents(raw)
+            return method, refs, {}
+    card = front_matter(model_dir)
+    bases = _as_list(card.get("base_model"))
+    relation = str(card.get("base_model_relation") or ("merge" if len(bases) > 1 else "finetune"))
+    return relation, [(b, "base" if len(bases) == 1 else "source") for b in bases], {}
+
+
+def _resolve(ref: str, child: Path) -> Path | None:
+    for candidate in (Path(ref), child / ref):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
+
+
+def build_tree(model_dir: Path, *, max_depth: int = 32) -> Tree:
+    """The family tree of ``model_dir`` (its ancestors, followed through every local parent)."""
+    root = model_dir.resolve()
+    if not root.is_dir():
+        raise EvomergeError(f"{model_dir}: no such model directory")
+    tree = Tree(str(root))
+    _visit(tree, root, 0, max_depth)
+    return tree
+
+
+def _visit(tree: Tree, path: Path, depth: int, max_depth: int) -> None:
+    key = str(path)
+    if key in tree.nodes:
+        return
+    method, refs, meta = parents_of(path)
+    licence = license_of(path) or meta.get("license")
+    info: dict[str, Any] = {k: meta[k] for k in ("experiment", "trial", "test_fitness") if k in meta}
+    tree.nodes[key] = Node(key, path.name, licence, True, info)
+    if depth >= max_depth:
+        return
+    licences = {p.get("path") or p.get("name"): p.get("license") for p in meta.get("parents", [])}
+    for ref, role in refs:
+        local = _resolve(ref, path)
+        if local is None:
+            if ref not in tree.nodes:
+                tree.nodes[ref] = Node(ref, ref, licences.get(ref), False)
+            tree.edges.append(Edge(ref, key, method, role))
+            continue
+        tree.edges.append(Edge(str(local), key, method, role))
+        _visit(tree, local, depth + 1, max_depth)
+
+
+def render_text(tree: Tree) -> str:
+    """The tree as indented text, the model first and its ancestors below it."""
+    lines: list[str] = []
+
+    def walk(key: str, prefix: str, edge: Edge | None, seen: frozenset[str]) -> None:
+        node = tree.nodes[key]
+        label = node.name + (f" [{node.license}]" if node.license else "")
+        via = f" <-{edge.method}{'/base' if edge.role == 'base' else ''}- " if edge else ""
+        lines.append(f"{prefix}{via}{label}")
+        if key in seen:
+            return
+        for e in tree.parents(key):
+            walk(e.parent, prefix + "    ", e, seen | {key})
+
+    walk(tree.root, "", None, frozenset())
+    return "\n".join(lines)
+
+
+def _generations(tree: Tree) -> dict[str, int]:
+    """Each node's distance from the root (its longest path, so parents sit above children)."""
+    gen = {tree.root: 0}
+    for _ in range(len(tree.nodes)):
+        changed = False
+        for e in tree.edges:
+            if e.child in gen and gen.get(e.parent, -1) < gen[e.child] + 1 <= len(tree.nodes):
+                gen[e.parent] = gen[e.child] + 1
+                changed = True
+        if not changed:
+            break
+    return gen
+
+
+def draw(tree: Tree, out: Path) -> Path:
+    """Draw the tree as a PNG: ancestors above, the model at the bottom, the merge method
+    on every edge, the licence under every name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gen = _generations(tree)
+    rows: dict[int, list[str]] = {}
+    for key in sorted(tree.nodes, key=lambda k: tree.nodes[k].name):
+        rows.setdefault(gen.get(key, 0), []).append(key)
+    width = max(len(r) for r in rows.values())
+    pos = {k: ((i + 1) / (len(r) + 1) * width, g) for g, r in rows.items() for i, k in enumerate(r)}
+    fig, ax = plt.subplots(figsize=(max(6, 2.6 * width), max(3, 1.8 * len(rows))))
+    for e in tree.edges:
+        (x0, y0), (x1, y1) = pos[e.parent], pos[e.child]
+        ax.annotate("", (x1, y1 + 0.18), (x0, y0 - 0.18), arrowprops={"arrowstyle": "->", "color": "0.4"})
+        label = e.method + (" (base)" if e.role == "base" else "")
+        ax.text((x0 + x1) / 2, (y0 + y1) / 2, label, fontsize=7, ha="center", color="tab:blue")
+    for key, (x, y) in pos.items():
+        node = tree.nodes[key]
+        text = node.name + f"\n{node.license or 'licence unknown'}"
+        colour = "#fde9c9" if key == tree.root else "#e8f0fb" if node.local else "#eeeeee"
+        ax.text(x, y, text, ha="center", va="center", fontsize=8, bbox={"boxstyle": "round", "fc": colour})
+    ax.set_xlim(0, width + 1)
+    ax.set_ylim(-0.6, max(rows) + 0.6)
+    ax.axis("off")
+    ax.set_title(f"Family tree of {tree.nodes[tree.root].name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
