@@ -224,19 +224,31 @@ def draw(tree: Tree, out: Path) -> Path:
     for key in sorted(tree.nodes, key=lambda k: tree.nodes[k].name):
         rows.setdefault(gen.get(key, 0), []).append(key)
     width = max(len(r) for r in rows.values())
-    pos = {k: ((i + 1) / (len(r) + 1) * width, g) for g, r in rows.items() for i, k in enumerate(r)}
-    fig, ax = plt.subplots(figsize=(max(6, 2.6 * width), max(3, 1.8 * len(rows))))
+    pos = {k: (i - (len(r) - 1) / 2, g) for g, r in rows.items() for i, k in enumerate(r)}  # one unit apart
+    fig, ax = plt.subplots(figsize=(3 * (width + 1.2), max(3, 1.8 * len(rows))))
+    box = {"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none"}
     for e in tree.edges:
         (x0, y0), (x1, y1) = pos[e.parent], pos[e.child]
-        ax.annotate("", (x1, y1 + 0.18), (x0, y0 - 0.18), arrowprops={"arrowstyle": "->", "color": "0.4"})
+        a, b = (x0, y0 - 0.18), (x1, y1 + 0.18)
+        # an edge past a generation bends sideways (a quadratic Bezier) around the nodes between
+        bend = 0.0 if abs(y0 - y1) <= 1 else -0.9 if x0 <= 0 else 0.9
+        c = ((a[0] + b[0]) / 2 + bend, (a[1] + b[1]) / 2)
+
+        def at(t: float, a=a, b=b, c=c) -> tuple[float, float]:
+            return tuple((1 - t) ** 2 * p + 2 * t * (1 - t) * q + t**2 * r for p, q, r in zip(a, c, b))  # type: ignore
+
+        curve = [at(i / 40) for i in range(41)]
+        ax.plot([p[0] for p in curve], [p[1] for p in curve], color="0.4", lw=1)
+        ax.annotate("", b, at(0.95), arrowprops={"arrowstyle": "->", "color": "0.4"})
+        lx, ly = at(0.45 if bend else 0.5)
         label = e.method + (" (base)" if e.role == "base" else "")
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2, label, fontsize=7, ha="center", color="tab:blue")
+        ax.text(lx, ly, label, fontsize=7, ha="center", va="center", color="tab:blue", bbox=box)
     for key, (x, y) in pos.items():
         node = tree.nodes[key]
         text = node.name + f"\n{node.license or 'licence unknown'}"
         colour = "#fde9c9" if key == tree.root else "#e8f0fb" if node.local else "#eeeeee"
         ax.text(x, y, text, ha="center", va="center", fontsize=8, bbox={"boxstyle": "round", "fc": colour})
-    ax.set_xlim(0, width + 1)
+    ax.set_xlim(-width / 2 - 0.6, width / 2 + 0.6)
     ax.set_ylim(-0.6, max(rows) + 0.6)
     ax.axis("off")
     ax.set_title(f"Family tree of {tree.nodes[tree.root].name}")
