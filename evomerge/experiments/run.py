@@ -14,7 +14,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.experiments.config import ExperimentConfig
-from evomerge.experiments.rundir import RunDir, write_atomic, write_json
+from evomerge.experiments.rundir import RunDir, holds_study, write_atomic, write_json
 from evomerge.search.loop import Budget, SearchLoop, SearchStats, TrialRecord, record_from_trial, trial_seed
 from evomerge.search.space import SearchSpace
 from evomerge.search.worker import Job, JobResult, WorkerSpec
@@ -78,7 +78,9 @@ def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Pre
     return Prepared(cfg, paths, space, spec, gpus, n)
 
 
-def open_study(cfg: ExperimentConfig, run: RunDir, prep: Prepared):
+def open_study(cfg: ExperimentConfig, run: RunDir, prep: Prepared, *, resume: bool = False):
+    """The run's study (created on the first run). On resume an existing storage must
+    hold it: an emptied or replaced file is refused, never re-initialised."""
     import optuna
 
     from evomerge.search.samplers import make_pruner, make_sampler, population_size
@@ -92,8 +94,11 @@ def open_study(cfg: ExperimentConfig, run: RunDir, prep: Prepared):
     if pruning.enabled and objectives > 1:
         raise EvomergeError("search.pruning works with one objective; turn it off for Pareto search")
     pruner = make_pruner(pruning.pruner, pruning.enabled, len(pruning.fractions))
+    storage = run.storage
+    if resume and run.study_db.exists() and not holds_study(run.study_db, cfg.name):
+        raise EvomergeError(f"{run.study_db}: holds no study '{cfg.name}' (emptied or replaced?); left untouched")
     study = optuna.create_study(
-        storage=run.storage,
+        storage=storage,
         study_name=cfg.name,
         sampler=sampler,
         pruner=pruner,
@@ -252,8 +257,12 @@ def run_experiment(
     log = (lambda _msg: None) if options.quiet else print
     run = RunDir(out)
     prep = prepare(cfg, options.workers, log=log)
+    if options.track:  # a bad tracking store is refused before the run directory is touched
+        from evomerge.experiments.tracking import open_client, tracking_uri
+
+        open_client(tracking_uri(options.tracking_uri))
     run.create(cfg, accept_change=resume)
-    study = open_study(cfg, run, prep)
+    study = open_study(cfg, run, prep, resume=resume)
     budget = Budget(cfg.search.trials, cfg.search.timeout_minutes * 60 if cfg.search.timeout_minutes else None)
     dispatcher = make_dispatcher(prep, options)
     started = time.monotonic()

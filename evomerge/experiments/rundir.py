@@ -27,8 +27,14 @@ class RunDir:
         return self.path / "config.sha256"
 
     @property
+    def study_db(self) -> Path:
+        return self.path / "study.db"
+
+    @property
     def storage(self) -> str:
-        return f"sqlite:///{(self.path / 'study.db').resolve()}"
+        """The Optuna storage URI, once the file (if any) is checked to be a sound SQLite database."""
+        check_sqlite(self.study_db, "Optuna study storage")
+        return f"sqlite:///{self.study_db.resolve()}"
 
     @property
     def summary(self) -> Path:
@@ -59,6 +65,39 @@ class RunDir:
         if not self.started_config.exists():
             write_atomic(self.started_config, text)
         write_atomic(self.config_hash, digest + "\n")
+
+
+def check_sqlite(path: Path, what: str) -> None:
+    """Refuse a SQLite file that is not a sound database (corrupt, truncated, not SQLite).
+    The check opens it read-only: a refused file is left exactly as it was."""
+    import sqlite3
+
+    if not path.exists():
+        return
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            rows = con.execute("PRAGMA quick_check").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        raise EvomergeError(f"{path}: the {what} is corrupt or truncated ({err}); it was left untouched") from None
+    if rows != [("ok",)]:
+        detail = "; ".join(str(r[0]) for r in rows[:3])
+        raise EvomergeError(f"{path}: the {what} is corrupt ({detail}); it was left untouched")
+
+
+def holds_study(path: Path, name: str) -> bool:
+    """Whether the SQLite file at ``path`` holds the Optuna study ``name`` (read-only)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
+    except sqlite3.Error:
+        return False
+    finally:
+        con.close()
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from evomerge.experiments.config import ExperimentConfig
-from evomerge.experiments.rundir import RunDir, write_json
+from evomerge.experiments.rundir import RunDir, check_sqlite, write_json
 from evomerge.search.loop import SearchStats, TrialRecord, record_from_trial
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -48,6 +48,7 @@ def open_client(uri: str):
     if not uri.startswith("sqlite:///"):
         return MlflowClient(uri)
     db = Path(uri[len("sqlite:///") :])
+    check_sqlite(db, "MLflow tracking store")
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{db}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

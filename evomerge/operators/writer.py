@@ -157,6 +157,10 @@ def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, EvomergeError) and str(tmp) in str(err):  # name the directory the user asked for
+            raise EvomergeError(str(err).replace(str(tmp), str(out))) from None
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise _disk_error(err, out) from None
         raise
