@@ -55,3 +55,20 @@ def test_ui_binds_loopback_and_serves_the_store(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_a_local_ray_cluster_starts_no_dashboard(tmp_path):
+    """Ray's web dashboard (an HTTP server with job submission) is never started for a
+    local cluster. (Ray's own gRPC services are another matter: see RELIABILITY.md.)"""
+    import psutil
+    import ray
+
+    from evomerge.search.ray_pool import init_ray
+
+    init_ray(None, 1)
+    try:
+        assert not ray._private.worker.global_worker.node.address_info.get("webui_url")
+        listening = {c.laddr.port for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        assert 8265 not in listening
+    finally:
+        ray.shutdown()

@@ -1,0 +1,87 @@
+"""A Ray actor SIGKILLed from outside in the middle of a candidate: its job is retried
+once on a fresh actor, and the search finishes its budget with no trial lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _actors(root: psutil.Process) -> list[psutil.Process]:
+    found = []
+    for p in root.children(recursive=True):
+        try:
+            if p.name().startswith("ray::MergeWorker") or "MergeWorker" in " ".join(p.cmdline()[:1]):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def test_actor_killed_mid_candidate_is_replaced_and_the_search_finishes(tiny_zoo, tmp_path):
+    cfg = {
+        "name": "actor-killed",
+        "zoo": str(tiny_zoo),
+        "models": ["zoo:cp", "zoo:rev", "zoo:sort"],
+        "base_model": "zoo:base",
+        "merge": {"method": "ties", "parameters": {"weight": {"low": 0.0, "high": 1.5}, "density": 0.5}},
+        "fitness": {"tasks": ["cp", "rev", "sort"], "samples": 60},
+        "search": {"sampler": "cmaes", "seed": 5, "trials": 20},
+        "workers": 1,
+        "device": "cpu",
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [sys.executable, "-m", "evomerge.cli", "run", str(path), "--out", str(run), "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        driver = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 180
+        victim = None
+        while victim is None:  # the actor, once it is busy with a trial after the first one
+            assert proc.poll() is None and time.monotonic() < deadline
+            busy = [a for a in _actors(driver) if ".run" in a.name() or a.cpu_percent(0.05) > 20]
+            victim = busy[0] if busy and list(run.glob("study.db")) and _complete(run) >= 2 else None
+            time.sleep(0.1)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        while not [a for a in _actors(driver) if a.pid != victim.pid]:  # the replacement
+            assert proc.poll() is None and time.monotonic() < deadline + 60, "the actor was not replaced"
+            time.sleep(0.1)
+        _, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, err.decode()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["trials"] == {"complete": 20, "pruned": 0, "failed": 0}  # the killed trial was retried, not lost
+
+
+def _complete(run: Path) -> int:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        study = optuna.load_study(study_name="actor-killed", storage=f"sqlite:///{run / 'study.db'}")
+    except Exception:  # not created yet, or busy
+        return 0
+    return len([t for t in study.trials if t.state.name == "COMPLETE"])
