@@ -68,6 +68,24 @@ class MergeSpace(BaseModel):
         return value
 
 
+class LayerStack(BaseModel):
+    """Search which layers of which models are stacked, in order (data-flow merging):
+    the models' layers laid out in order, ``repeats`` times, one on/off gene per slot.
+    The stack's depth stays within [min_layers, max_layers] (default: the first
+    model's depth up to twice it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    repeats: int = Field(2, ge=1, le=8)
+    min_layers: int | None = Field(None, ge=1)
+    max_layers: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _depth(self) -> LayerStack:
+        if self.min_layers is not None and self.max_layers is not None and self.min_layers > self.max_layers:
+            raise ValueError(f"min_layers ({self.min_layers}) is above max_layers ({self.max_layers})")
+        return self
+
+
 class Pruning(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = False
@@ -109,6 +127,7 @@ class ExperimentConfig(BaseModel):
     models: list[str] = Field(min_length=1)
     base_model: str | None = None
     merge: MergeSpace = Field(default_factory=MergeSpace)
+    layers: LayerStack | None = None
     fitness: FitnessConfig
     search: SearchConfig = Field(default_factory=SearchConfig)
     workers: int = Field(1, ge=1)
@@ -124,6 +143,19 @@ class ExperimentConfig(BaseModel):
         if not value or any(c in value for c in "/\\") or value.startswith("."):
             raise ValueError(f"name '{value}' must be a plain name (no slashes)")
         return value
+
+    @model_validator(mode="after")
+    def _stack_rules(self) -> ExperimentConfig:
+        if self.layers is None:
+            return self
+        if self.base_model:
+            raise ValueError("layers: a layer-stack search takes no base_model (list every model under models)")
+        if self.merge.parameters or self.merge.methods not in (["task_arithmetic"], ["passthrough"]):
+            raise ValueError(
+                "layers: a layer-stack search searches no merge method or parameters; for a hybrid, "
+                "run the weight search first and list its export under models"
+            )
+        return self
 
     def uses_zoo(self) -> bool:
         refs = [*self.models, self.base_model or ""]

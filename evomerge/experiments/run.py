@@ -16,7 +16,8 @@ from evomerge.errors import EvomergeError
 from evomerge.experiments.config import ExperimentConfig
 from evomerge.experiments.rundir import RunDir, holds_study, write_atomic, write_json
 from evomerge.search.loop import Budget, SearchLoop, SearchStats, TrialRecord, record_from_trial, trial_seed
-from evomerge.search.space import SearchSpace
+from evomerge.search.space import SearchSpace, Space
+from evomerge.search.stack import StackSpace
 from evomerge.search.worker import Job, JobResult, WorkerSpec
 
 
@@ -34,7 +35,7 @@ class RunOptions:
 class Prepared:
     cfg: ExperimentConfig
     paths: dict[str, str]
-    space: SearchSpace
+    space: Space
     spec: WorkerSpec
     gpus: bool
     workers: int
@@ -55,10 +56,14 @@ def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Pre
             ensure_zoo(zoo, log=log)  # the default zoo follows the shipped recipe; a named one is used as it is
     refs = list(dict.fromkeys([*([cfg.base_model] if cfg.base_model else []), *cfg.models]))
     paths = {ref: str(cfg.resolve_model(ref)) for ref in refs}
-    first = open_checkpoint(paths[refs[0]])
-    n_layers = first.num_layers or 1
-    first.close()
-    space = SearchSpace(cfg.merge, cfg.models, cfg.base_model, n_layers)
+    space: SearchSpace | StackSpace
+    if cfg.layers is not None:
+        space = _stack_space(cfg, paths)
+    else:
+        first = open_checkpoint(paths[refs[0]])
+        n_layers = first.num_layers or 1
+        first.close()
+        space = SearchSpace(cfg.merge, cfg.models, cfg.base_model, n_layers)
     gpus = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     n = workers or cfg.workers
     if gpus:
@@ -74,8 +79,39 @@ def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Pre
         device="cuda" if gpus else "cpu",
         dtype="bfloat16" if gpus else cfg.merge.dtype,
         threads=None if gpus else threads,
+        stack=cfg.layers is not None,
     )
     return Prepared(cfg, paths, space, spec, gpus, n)
+
+
+STACK_KEYS = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+
+
+def _stack_space(cfg: ExperimentConfig, paths: dict[str, str]) -> StackSpace:
+    """The layer-stack space; models whose layers cannot be stacked are refused here,
+    before any work starts."""
+    from evomerge.operators.checkpoint import open_checkpoint
+
+    assert cfg.layers is not None
+    depth: dict[str, int] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    for ref in cfg.models:
+        ck = open_checkpoint(paths[ref])
+        depth[ref], configs[ref] = ck.num_layers or 0, ck.config
+        ck.close()
+        if not depth[ref]:
+            raise EvomergeError(f"models: '{ref}' has no numbered layers to stack")
+    first = cfg.models[0]
+    for ref in cfg.models[1:]:
+        for key in STACK_KEYS:
+            a, b = configs[first].get(key), configs[ref].get(key)
+            if a != b:
+                raise EvomergeError(
+                    f"layers: models '{first}' and '{ref}' differ in {key} ({a} vs {b}); their layers cannot be stacked"
+                )
+    low = cfg.layers.min_layers or max(1, depth[first] // 2)
+    high = cfg.layers.max_layers or max(low, 2 * depth[first])
+    return StackSpace(cfg.models, depth, repeats=cfg.layers.repeats, depth=(low, high), dtype=cfg.merge.dtype)
 
 
 def open_study(cfg: ExperimentConfig, run: RunDir, prep: Prepared, *, resume: bool = False):
@@ -136,8 +172,11 @@ def run_jobs(dispatcher, jobs: list[Job]) -> dict[int, JobResult]:
     return out
 
 
-def _source_recipe(path: str, dtype: str) -> dict[str, Any]:
-    return {"merge_method": "linear", "dtype": dtype, "models": [{"model": path, "parameters": {"weight": 1.0}}]}
+def _source_recipe(space: Space, ref: str, dtype: str) -> dict[str, Any]:
+    """A source model alone, as the workers can evaluate it (a stack worker merges no weights)."""
+    if isinstance(space, StackSpace):
+        return space.source_recipe(ref)
+    return {"merge_method": "linear", "dtype": dtype, "models": [{"model": ref, "parameters": {"weight": 1.0}}]}
 
 
 def recipe_with_paths(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
@@ -167,7 +206,7 @@ def finalize(
     candidates: dict[tuple[str, str], tuple[dict[str, Any], int]] = {
         ("best", ""): (best.recipe, trial_seed(seed, best.seed_number)),
         ("baseline", "default_merge"): (default_recipe, trial_seed(seed, -1)),
-        **{("source", ref): (_source_recipe(ref, cfg.merge.dtype), 0) for ref in _scored_sources(cfg)},
+        **{("source", ref): (_source_recipe(space, ref, cfg.merge.dtype), 0) for ref in _scored_sources(cfg)},
     }
     wanted = [(c, split) for c in candidates for split in (("test",) if c[0] == "best" else (None, "test"))]
     jobs = [Job(k, candidates[c][0], seed=candidates[c][1], split=split) for k, (c, split) in enumerate(wanted)]
@@ -241,7 +280,7 @@ def _session_figures(run: RunDir, stats: SearchStats, workers: int) -> dict[str,
     }
 
 
-def _complete_from_study(study, space: SearchSpace) -> list[TrialRecord]:
+def _complete_from_study(study, space: Space) -> list[TrialRecord]:
     from optuna.trial import TrialState
 
     return [record_from_trial(t, space) for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])]

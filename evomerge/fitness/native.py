@@ -70,7 +70,7 @@ def score(model, batch: Encoded, *, batch_size: int = 160) -> torch.Tensor:
         rows = order[start : start + batch_size]
         width = int(lengths[rows].max())
         ids, target = batch.ids[rows, :width].to(device), batch.target[rows, :width].to(device)
-        hidden = body(input_ids=ids).last_hidden_state
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state
         answer = target >= 0
         hit = torch.ones_like(target, dtype=torch.bool)
         hit[answer] = head(hidden[answer]).argmax(-1) == target[answer]

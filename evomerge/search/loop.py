@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.search.dispatch import Dispatcher
-from evomerge.search.space import SearchSpace
+from evomerge.search.space import Space
 from evomerge.search.worker import Job, JobResult
 
 
@@ -84,7 +84,7 @@ class SearchLoop:
     def __init__(
         self,
         study,
-        space: SearchSpace,
+        space: Space,
         dispatcher: Dispatcher,
         *,
         budget: Budget,
@@ -234,7 +234,7 @@ def recover_interrupted(study) -> int:
     return finished
 
 
-def record_from_trial(trial, space: SearchSpace) -> TrialRecord:
+def record_from_trial(trial, space: Space) -> TrialRecord:
     """A finished trial of the study as the loop reported it (for replaying observers
     and for runs resumed after a crash). A FAIL without a stored result was interrupted."""
     detail = trial.user_attrs.get("result", {})

@@ -9,7 +9,7 @@ Bounds are real distribution bounds: nothing is clamped or folded afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from evomerge.errors import EvomergeError
 from evomerge.experiments.config import Bounds, MergeSpace
@@ -36,6 +36,18 @@ class Dim:
         from optuna.distributions import FloatDistribution
 
         return FloatDistribution(self.low, self.high, log=self.log)
+
+
+class Space(Protocol):
+    """What the loop and the run need of a search space."""
+
+    dims: dict[str, list[Dim]]
+
+    def sample(self, trial) -> dict[str, Any]: ...
+
+    def default_params(self, method: str | None = None) -> dict[str, Any]: ...
+
+    def recipe(self, params: dict[str, Any], paths: dict[str, str] | None = None) -> Recipe: ...
 
 
 class SearchSpace:

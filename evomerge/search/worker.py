@@ -36,6 +36,7 @@ class WorkerSpec:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
+    stack: bool = False  # candidates are layer stacks (passthrough slices), evaluated without merging weights
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,56 @@ def resident_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) ->
     return Checkpoint(path, ck.config, infos, pickled=state)
 
 
+class StackedModels:
+    """The sources resident as modules, and one shell model whose layer list is rebuilt
+    for each candidate stack from references to the sources' layers: no weight is
+    copied. Embeddings come from the stack's first model, the final norm and the output
+    head from its last, and the config from its first, as in the exported passthrough
+    merge (the engine's plan), so the scored model is the exported one."""
+
+    def __init__(self, sources: dict[str, Path], device: torch.device, dtype: torch.dtype):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from evomerge.fitness.scoring import load_model
+
+        self.models = {}
+        tokenizers = {}
+        for ref, path in sources.items():
+            self.models[ref], tokenizers[ref] = load_model(path, device, dtype)
+        self.tokenizer = next(iter(tokenizers.values()))  # the models share a vocabulary (checked by the space)
+        first = next(iter(sources.values()))
+        config = AutoConfig.from_pretrained(first)
+        self.depth_keys = [
+            k for k, v in config.to_dict().items() if isinstance(v, list) and len(v) == config.num_hidden_layers
+        ]
+        config.num_hidden_layers = 0
+        for key in self.depth_keys:
+            setattr(config, key, [])
+        config.use_cache = False  # a stack may hold one layer twice: one KV-cache slot per layer would clash
+        self.shell = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+
+    def assemble(self, recipe: Recipe):
+        """The shell, its layers now the recipe's stack (references, not copies)."""
+        from evomerge.search.stack import stack_of
+
+        stack = stack_of(recipe)
+        if stack is None:
+            raise EvomergeError("a layer-stack worker evaluates passthrough slices only")
+        unknown = sorted({m for m, _ in stack} - set(self.models))
+        if unknown:
+            raise EvomergeError(f"the stack names models that are not resident: {unknown}")
+        first, last = self.models[stack[0][0]], self.models[stack[-1][0]]
+        body = self.shell.get_decoder()
+        body.layers = torch.nn.ModuleList(self.models[m].get_decoder().layers[i] for m, i in stack)
+        body.embed_tokens = first.get_decoder().embed_tokens
+        body.norm = self.models[stack[-1][0]].get_decoder().norm
+        self.shell.lm_head = first.lm_head if self.shell.config.tie_word_embeddings else last.lm_head
+        self.shell.config.num_hidden_layers = len(stack)
+        for key in self.depth_keys:
+            setattr(self.shell.config, key, [getattr(self.models[m].config, key)[i] for m, i in stack])
+        return self.shell
+
+
 class MergeWorker:
     """Merges and scores candidates against resident sources."""
 
@@ -92,9 +143,13 @@ class MergeWorker:
         self.spec = spec
         self.device = pick_device(spec.device)
         dtype = DTYPES[spec.dtype]
-        self.sources = {ref: resident_checkpoint(Path(p), self.device, dtype) for ref, p in spec.sources.items()}
-        self.model, self.tokenizer = load_model(Path(spec.sources[spec.model_ref]), self.device, dtype)
-        self.params = self.model.state_dict()
+        if spec.stack:
+            self.stacks = StackedModels({r: Path(p) for r, p in spec.sources.items()}, self.device, dtype)
+            self.model, self.tokenizer = self.stacks.shell, self.stacks.tokenizer
+        else:
+            self.sources = {ref: resident_checkpoint(Path(p), self.device, dtype) for ref, p in spec.sources.items()}
+            self.model, self.tokenizer = load_model(Path(spec.sources[spec.model_ref]), self.device, dtype)
+            self.params = self.model.state_dict()
         fitness = FitnessConfig.model_validate(spec.fitness)
         self._fitness = fitness
         self._evaluators: dict[str, Evaluator] = {}
@@ -131,7 +186,11 @@ class MergeWorker:
         start = time.perf_counter()
         result = JobResult(job.key, fraction=job.fraction, split=job.split)
         try:
-            self.merge(Recipe.from_dict(job.recipe, f"trial {job.key}"), tensor_seed(job.seed, "trial"))
+            recipe = Recipe.from_dict(job.recipe, f"trial {job.key}")
+            if self.spec.stack:
+                self.model = self.stacks.assemble(recipe)
+            else:
+                self.merge(recipe, tensor_seed(job.seed, "trial"))
             merged = time.perf_counter()
             result.merge_seconds = merged - start
             fit = self.evaluator(job.split).evaluate(self.model, self.tokenizer, fraction=job.fraction)

@@ -1,0 +1,123 @@
+"""The layer-stack space: decoding and repair, in-memory stacks equal to their export,
+bad input refused before any work, and a short search on the tiny zoo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.experiments.config import ExperimentConfig
+from evomerge.experiments.run import RunOptions, prepare, run_experiment
+from evomerge.search.stack import StackSpace, stack_of, stack_recipe
+
+from .conftest import tiny_config
+
+
+def _space(depth=(2, 6)) -> StackSpace:
+    return StackSpace(["a", "b"], {"a": 4, "b": 4}, repeats=2, depth=depth, dtype="float32")
+
+
+def test_genes_decode_to_ordered_stacks_within_the_depth_bounds():
+    space = _space()
+    names = [d.name for d in space.dims["passthrough"]]
+    assert len(names) == 16 and names[0] == "slot[0]:a:0" and names[12] == "slot[12]:b:0"
+    assert space.stack(space.default_params()) == [("a", 0), ("a", 1), ("a", 2), ("a", 3)]
+    genes = dict.fromkeys(names, 0.0)
+    for k, g in ((1, 0.9), (5, 0.6), (9, 0.8), (14, 0.7)):  # a1, b1, a1 (second pass), b2
+        genes[names[k]] = g
+    assert space.stack(genes) == [("a", 1), ("b", 1), ("a", 1), ("b", 2)]
+    everything = dict.fromkeys(names, 1.0)
+    assert len(space.stack(everything)) == 6  # repaired down to max_layers
+    nothing = dict.fromkeys(names, 0.1)
+    nothing[names[7]] = 0.3
+    assert space.stack(nothing)[:1] == [("a", 0)] and ("b", 3) in space.stack(nothing)  # repaired up, best genes first
+    assert len(space.stack(nothing)) == 2
+
+
+def test_a_stack_is_written_as_mergekit_slices():
+    recipe = stack_recipe([("a", 0), ("a", 1), ("b", 1), ("b", 2), ("a", 1)], "bfloat16", {"a": "/m/a"})
+    data = recipe.to_dict()
+    assert data["merge_method"] == "passthrough"
+    assert [s["sources"][0]["layer_range"] for s in data["slices"]] == [[0, 2], [1, 3], [1, 2]]
+    assert [s["sources"][0]["model"] for s in data["slices"]] == ["/m/a", "b", "/m/a"]
+    assert stack_of(stack_recipe([("b", 3), ("a", 0)], "float32")) == [("b", 3), ("a", 0)]
+
+
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ({"min_layers": 5, "max_layers": 3}, "min_layers (5) is above max_layers (3)"),
+        ({"repeats": 1, "max_layers": 7}, "max_layers 7 exceeds the 6 slots"),
+    ],
+)
+def test_impossible_depths_are_refused(tiny_zoo, layers, message):
+    with pytest.raises((EvomergeError, ValueError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        prepare(_stack_cfg(tiny_zoo, **layers), log=lambda _: None)
+
+
+def test_models_that_cannot_be_stacked_are_refused(tiny_zoo, family):
+    cfg = _stack_cfg(tiny_zoo)
+    cfg.models = ["zoo:cp", str(family[1])]  # hidden size 64 against the test family's
+    with pytest.raises(EvomergeError, match="differ in .*their layers cannot be stacked"):
+        prepare(cfg, log=lambda _: None)
+    with pytest.raises(ValueError, match="takes no base_model"):
+        ExperimentConfig.model_validate({**_stack_cfg(tiny_zoo).model_dump(), "base_model": "zoo:base"})
+
+
+def test_the_in_memory_stack_is_the_exported_model(tiny_zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.experiments.run import recipe_with_paths
+    from evomerge.operators.engine import run_merge
+    from evomerge.operators.recipe import Recipe
+    from evomerge.search.worker import Job, MergeWorker
+
+    prep = prepare(_stack_cfg(tiny_zoo), log=lambda _: None)
+    stack = [("zoo:rev", 0), ("zoo:rev", 1), ("zoo:cp", 1), ("zoo:sort", 0), ("zoo:cp", 1), ("zoo:sort", 1)]
+    recipe = stack_recipe(stack, "float32")
+    worker = MergeWorker(prep.spec)
+    in_memory = worker.stacks.assemble(recipe)
+    out = tmp_path / "stacked"
+    run_merge(Recipe.from_dict(recipe_with_paths(recipe.to_dict(), prep.paths), "test"), out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(1, 40, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(in_memory(ids).logits, exported(ids, use_cache=False).logits)
+    sources = {r: m for r, m in worker.stacks.models.items()}
+    assert all(in_memory.model.layers[k] is sources[m].model.layers[i] for k, (m, i) in enumerate(stack))  # no copies
+    scored = worker.run(Job(0, recipe.to_dict(), seed=0))
+    assert scored.ok and 0 <= scored.value <= 1
+
+
+def _stack_cfg(zoo, **layers) -> ExperimentConfig:
+    cfg = tiny_config(zoo, search__trials=8).model_dump()
+    cfg.pop("base_model")
+    cfg["merge"] = {"dtype": "float32"}
+    cfg["layers"] = {"repeats": 2, **layers}
+    return ExperimentConfig.model_validate(cfg)
+
+
+def test_a_stack_search_runs_and_exports_a_loadable_deeper_model(tiny_zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.cli import main
+
+    cfg = _stack_cfg(tiny_zoo, min_layers=4, max_layers=6).resolved()
+    summary = run_experiment(cfg, tmp_path / "run", RunOptions(quiet=True, in_process=True, track=False))
+    assert summary["trials"]["complete"] == 8
+    assert set(summary["sources"]) == {"zoo:cp", "zoo:rev", "zoo:sort"}
+    out = tmp_path / "best"
+    assert main(["export", str(tmp_path / "run"), str(out), "--no-register"]) == 0
+    recipe = (out / "mergekit_config.yml").read_text()
+    assert "passthrough" in recipe and "layer_range" in recipe
+    depth = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    assert 4 <= depth <= 6
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == depth
+    record = json.loads((out / "evomerge.json").read_text())
+    assert record["test_fitness"] == summary["best_test_fitness"]
