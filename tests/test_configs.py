@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from evomerge.experiments.config import load_config
-from evomerge.search.space import SearchSpace
+from evomerge.search.space import SearchSpace, Space
+from evomerge.search.stack import StackSpace
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -18,15 +19,21 @@ def test_shipped_config_loads(path):
     assert text.startswith("#"), "a shipped config opens with a comment saying what it does"
     assert "evomerge run" in text.split("\n\n")[0] or "evomerge run" in text[:1500]
     cfg = load_config(path)
-    space = SearchSpace(cfg.merge, cfg.models, cfg.base_model, n_layers=32)
+    if cfg.layers is not None:  # a layer-stack search
+        low, high = cfg.layers.min_layers or 1, cfg.layers.max_layers or 64
+        space: Space = StackSpace(
+            cfg.models, dict.fromkeys(cfg.models, 32), repeats=cfg.layers.repeats, depth=(low, high), dtype="float32"
+        )
+    else:
+        space = SearchSpace(cfg.merge, cfg.models, cfg.base_model, n_layers=32)
     dims = next(iter(space.dims.values()))
     assert dims, "the config searches something"
     recipe = space.recipe(space.default_params())
-    assert recipe.merge_method in cfg.merge.methods
+    assert recipe.merge_method in (["passthrough"] if cfg.layers else cfg.merge.methods)
 
 
 def test_there_are_shipped_configs():
-    assert {p.name for p in CONFIGS} >= {"demo.yaml"}
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "demo_slices.yaml"}
 
 
 @pytest.mark.parametrize(

@@ -69,13 +69,17 @@ class RunDir:
 
 def check_sqlite(path: Path, what: str) -> None:
     """Refuse a SQLite file that is not a sound database (corrupt, truncated, not SQLite).
-    The check opens it read-only: a refused file is left exactly as it was."""
+
+    The check writes nothing to a sound file and leaves a refused one exactly as it was.
+    It opens the file read-write (never creating it) because a process killed in the
+    middle of a transaction leaves a hot journal that SQLite must roll back on the next
+    open: that recovery is the database working as designed, and read-only it fails."""
     import sqlite3
 
     if not path.exists():
         return
     try:
-        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
         try:
             rows = con.execute("PRAGMA quick_check").fetchall()
         finally:
@@ -88,10 +92,11 @@ def check_sqlite(path: Path, what: str) -> None:
 
 
 def holds_study(path: Path, name: str) -> bool:
-    """Whether the SQLite file at ``path`` holds the Optuna study ``name`` (read-only)."""
+    """Whether the SQLite file at ``path`` holds the Optuna study ``name`` (reads only;
+    opened read-write so a hot journal left by a crash can be rolled back)."""
     import sqlite3
 
-    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
     try:
         return con.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
     except sqlite3.Error:

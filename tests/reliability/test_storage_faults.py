@@ -92,3 +92,29 @@ def test_corrupt_tracking_store_is_refused_before_the_run_starts(tiny_zoo, tmp_p
     assert not (tmp_path / "run").exists() and store.read_bytes() == b"\x00garbage" * 1000
     assert main(["leaderboard", "--tracking-uri", f"sqlite:///{store}"]) == 2
     assert "MLflow tracking store is corrupt" in capsys.readouterr().err
+
+
+KILLED_MID_TRANSACTION = """
+import os, signal, sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("CREATE TABLE studies (study_name TEXT, pad BLOB)")
+con.execute("INSERT INTO studies VALUES ('tiny', zeroblob(1000))")
+con.execute("PRAGMA cache_size=2")  # spill the open transaction's pages into the file
+con.execute("BEGIN")
+for _ in range(2000):
+    con.execute("INSERT INTO studies VALUES ('half-written', zeroblob(1000))")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_hot_journal_left_by_kill_9_is_rolled_back_not_refused(tmp_path):
+    """A process killed inside a transaction leaves a hot journal: the next open must
+    roll it back (read-only opening fails there), and the database is sound again."""
+    from evomerge.experiments.rundir import check_sqlite, holds_study
+
+    db = tmp_path / "study.db"
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_TRANSACTION, str(db)], timeout=60)
+    assert proc.returncode == -9 and (tmp_path / "study.db-journal").stat().st_size > 0
+    check_sqlite(db, "Optuna study storage")  # no refusal
+    assert holds_study(db, "tiny") and not holds_study(db, "half-written")
+    assert not (tmp_path / "study.db-journal").exists()

@@ -69,7 +69,7 @@ def test_run_experiment_on_ray_writes_summary(ray_cluster, tiny_cfg, tmp_path):
         "wall_seconds",
     ):
         assert key in saved
-    assert set(saved["sources"]) == set(cfg.models) and "default_merge" in saved["baselines"]
+    assert set(saved["sources"]) == {*cfg.models, cfg.base_model} and "default_merge" in saved["baselines"]
     assert 0 < saved["worker_busy_fraction"] <= 1.0
     from evomerge.operators.recipe import Recipe
 
