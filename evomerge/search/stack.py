@@ -6,11 +6,19 @@ Sec. 3.2, the data-flow space): the sources' layers are laid out in order (model
 layers 0..L-1, then model 2's, ...), the whole sequence repeated ``r`` times; one gene
 per slot says whether that slot is in the stack. A stack is the slots that are on, in
 slot order, so every stack keeps the layers' order within a pass and may revisit
-layers on a later pass. Why this encoding: it is a fixed-length vector of reals in
-[0, 1] (a gene is on at 0.5 or above), which CMA-ES and TPE search as they are; every
-vector decodes to a valid stack (the depth bounds are met by a deterministic repair:
-the highest genes win); and each source itself, and any contiguous slice stack, is a
-point of the space. The paper's per-slot input scaling is left out: it cannot be
+layers on a later pass. Why this encoding: it is a fixed-length vector of reals, which
+CMA-ES and TPE search as they are; every vector decodes to a valid stack (the depth
+bounds are met by a deterministic repair: the highest scores win); and each source
+itself, and any contiguous slice stack, is a point of the space.
+
+A gene g lies in [-1, 1] and its slot is on when g + b > 0, where the bias b is
++BIAS for the slots of the starting stack (the first model's first pass) and -BIAS
+for the others. The centre of the cube, where CMA-ES starts, is therefore the first
+model itself, and Optuna's default step (a sixth of the range, 1/3) flips a gene with
+probability P(|N(0, 1/3)| > 0.7) ~ 3.6 %: about one gene per sample on the demo zoo.
+Without the bias (a gene on at 0.5 in [0, 1]) the centre makes every gene a coin flip
+and nearly every stack is broken: on the demo zoo 49 of 64 such samples scored under
+0.33 against 0.54 for the start. The paper's per-slot input scaling is left out: it cannot be
 written as mergekit ``slices:``, and an exported model must be exactly what was scored.
 """
 
@@ -23,6 +31,7 @@ from evomerge.operators.recipe import Recipe
 from evomerge.search.space import Dim
 
 METHOD = "passthrough"
+BIAS = 0.7
 
 
 class StackSpace:
@@ -50,18 +59,20 @@ class StackSpace:
 
     # ---- the interface the loop and the run use ------------------------------
     def sample(self, trial) -> dict[str, Any]:
-        return {d.name: trial.suggest_float(d.name, 0.0, 1.0) for d in self.dims[METHOD]}
+        return {d.name: trial.suggest_float(d.name, -1.0, 1.0) for d in self.dims[METHOD]}
 
     def default_params(self, method: str | None = None) -> dict[str, Any]:
-        """The first model as it is: its first pass on, everything else off."""
+        """The centre of the cube: the first model as it is."""
+        return {d.name: 0.0 for d in self.dims[METHOD]}
+
+    def _bias(self) -> list[float]:
         first = self.models[0]
-        on = {k for k, (m, _) in enumerate(self.slots) if m == first and k < self.n_layers[first]}
-        return {d.name: 1.0 if k in on else 0.0 for k, d in enumerate(self.dims[METHOD])}
+        return [BIAS if m == first and k < self.n_layers[first] else -BIAS for k, (m, _) in enumerate(self.slots)]
 
     def stack(self, params: dict[str, Any]) -> list[tuple[str, int]]:
         """The (model, layer) stack of a point, its depth repaired into the bounds."""
-        genes = [float(params[d.name]) for d in self.dims[METHOD]]
-        on = {k for k, g in enumerate(genes) if g >= 0.5}
+        genes = [float(params[d.name]) + b for d, b in zip(self.dims[METHOD], self._bias())]
+        on = {k for k, g in enumerate(genes) if g > 0}
         low, high = self.depth
         ranked = sorted(range(len(genes)), key=lambda k: (-genes[k], k))  # highest genes first, then slot order
         if len(on) > high:

@@ -24,17 +24,18 @@ def test_genes_decode_to_ordered_stacks_within_the_depth_bounds():
     space = _space()
     names = [d.name for d in space.dims["passthrough"]]
     assert len(names) == 16 and names[0] == "slot[0]:a:0" and names[12] == "slot[12]:b:0"
-    assert space.stack(space.default_params()) == [("a", 0), ("a", 1), ("a", 2), ("a", 3)]
-    genes = dict.fromkeys(names, 0.0)
-    for k, g in ((1, 0.9), (5, 0.6), (9, 0.8), (14, 0.7)):  # a1, b1, a1 (second pass), b2
-        genes[names[k]] = g
+    assert space.stack(space.default_params()) == [("a", 0), ("a", 1), ("a", 2), ("a", 3)]  # the centre
+    genes = dict.fromkeys(names, -1.0)  # every slot off, the start's too (-1 + 0.7 < 0)
+    for k in (1, 5, 9, 14):  # a1, b1, a1 again (second pass), b2
+        genes[names[k]] = 0.9
     assert space.stack(genes) == [("a", 1), ("b", 1), ("a", 1), ("b", 2)]
-    everything = dict.fromkeys(names, 1.0)
-    assert len(space.stack(everything)) == 6  # repaired down to max_layers
-    nothing = dict.fromkeys(names, 0.1)
-    nothing[names[7]] = 0.3
-    assert space.stack(nothing)[:1] == [("a", 0)] and ("b", 3) in space.stack(nothing)  # repaired up, best genes first
-    assert len(space.stack(nothing)) == 2
+    near = dict(space.default_params())
+    near[names[2]], near[names[13]] = -0.8, 0.8  # one step each way flips a gene
+    assert space.stack(near) == [("a", 0), ("a", 1), ("a", 3), ("b", 1)]
+    assert len(space.stack(dict.fromkeys(names, 1.0))) == 6  # repaired down to max_layers
+    few = dict.fromkeys(names, -1.0)
+    few[names[7]] = 0.5  # still off (0.5 - 0.7 < 0), but the best score: picked first
+    assert space.stack(few) == [("a", 0), ("b", 3)]  # repaired up to min_layers, ties in slot order
 
 
 def test_a_stack_is_written_as_mergekit_slices():
