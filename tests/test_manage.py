@@ -138,3 +138,17 @@ def test_resume_refuses_a_changed_config_and_shows_the_difference(finished_run, 
 def test_export_of_a_missing_run_is_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_pareto_search_draws_its_front(tiny_zoo, tmp_path):
+    cfg = tiny_config(tiny_zoo, search__sampler="nsgaii", search__trials=8).model_dump()
+    cfg["fitness"]["aggregate"] = "pareto"
+    from evomerge.experiments.config import ExperimentConfig
+
+    out = tmp_path / "run"
+    summary = run_experiment(
+        ExperimentConfig.model_validate(cfg).resolved(), out, RunOptions(quiet=True, in_process=True, track=False)
+    )
+    assert summary["reports"] == ["history.png", "importance.png", "pareto_front.png"]
+    assert all((out / "reports" / name).stat().st_size > 10_000 for name in summary["reports"])
+    assert summary["pareto_front"]
