@@ -190,10 +190,11 @@ def _status(args: argparse.Namespace) -> int:
     info = trial_table(Path(args.run_dir), top=args.top)
     states = ", ".join(f"{n.lower()} {c}" for n, c in sorted(info["states"].items()))
     print(f"experiment {info['experiment']}: {sum(info['states'].values())}/{info['budget']} trials ({states})")
-    print(f"{'trial':>6s} {'fitness':>9s}  params")
-    for row in info["top"]:
+    stacks = info["stacks"]
+    print(f"{'trial':>6s} {'fitness':>9s}  {'layer stack' if stacks else 'params'}")
+    for i, row in enumerate(info["top"]):
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
-        print(f"{row['trial']:6d} {row['values'][0]:9.4f}  {params}")
+        print(f"{row['trial']:6d} {row['values'][0]:9.4f}  {stacks[i] if stacks else params}")
     if info["summary"]:
         s = info["summary"]
         print(f"finished: best trial {s['best_trial']}, test fitness {s['best_test_fitness']:.4f}")

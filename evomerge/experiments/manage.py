@@ -51,5 +51,24 @@ def trial_table(path: Path, top: int = 10) -> dict[str, Any]:
         "budget": cfg.search.trials,
         "states": states,
         "top": [{"trial": t.number, "values": t.values, "params": t.params} for t in done[:top]],
+        "stacks": _stacks(cfg, [t.params for t in done[:top]]),
         "summary": summary,
     }
+
+
+def _stacks(cfg: ExperimentConfig, points: list[dict[str, Any]]) -> list[str] | None:
+    """For a layer-stack search, each point's stack as text (its genes say little)."""
+    if cfg.layers is None or not points:
+        return None
+    from evomerge.experiments.run import prepare
+    from evomerge.search.stack import StackSpace, runs_of
+
+    space = prepare(cfg, log=lambda _: None).space
+    assert isinstance(space, StackSpace)
+    return [
+        " | ".join(
+            f"{space.label(m)} {a}-{b - 1}" if b - a > 1 else f"{space.label(m)} {a}"
+            for m, a, b in runs_of(space.stack(p))
+        )
+        for p in points
+    ]

@@ -57,6 +57,13 @@ class StackSpace:
             METHOD: [Dim(f"slot[{k}]:{m}:{i}", METHOD, "on", 0.0, 1.0, False, m) for k, (m, i) in enumerate(self.slots)]
         }
 
+    def label(self, model: str) -> str:
+        """A short name for a model: ``zoo:add`` as it is, a path by its last component
+        (with its position when two share one)."""
+        short = model.rstrip("/").rsplit("/", 1)[-1]
+        clash = sum(m.rstrip("/").rsplit("/", 1)[-1] == short for m in self.models) > 1
+        return f"{short}#{self.models.index(model)}" if clash else short
+
     # ---- the interface the loop and the run use ------------------------------
     def sample(self, trial) -> dict[str, Any]:
         return {d.name: trial.suggest_float(d.name, -1.0, 1.0) for d in self.dims[METHOD]}
@@ -91,16 +98,21 @@ class StackSpace:
         return stack_recipe([(ref, i) for i in range(self.n_layers[ref])], self.dtype).to_dict()
 
 
-def stack_recipe(stack: list[tuple[str, int]], dtype: str, paths: dict[str, str] | None = None) -> Recipe:
-    """mergekit ``slices:`` for a stack: runs of consecutive layers of one model become one slice."""
-    name = (paths or {}).get
+def runs_of(stack: list[tuple[str, int]]) -> list[tuple[str, int, int]]:
+    """Runs of consecutive layers of one model: (model, start, end)."""
     runs: list[list[Any]] = []
     for model, layer in stack:
         if runs and runs[-1][0] == model and runs[-1][2] == layer:
             runs[-1][2] = layer + 1
         else:
             runs.append([model, layer, layer + 1])
-    slices = [{"sources": [{"model": name(m, m), "layer_range": [a, b]}]} for m, a, b in runs]
+    return [(m, a, b) for m, a, b in runs]
+
+
+def stack_recipe(stack: list[tuple[str, int]], dtype: str, paths: dict[str, str] | None = None) -> Recipe:
+    """mergekit ``slices:`` for a stack: each run of consecutive layers of one model is one slice."""
+    name = (paths or {}).get
+    slices = [{"sources": [{"model": name(m, m), "layer_range": [a, b]}]} for m, a, b in runs_of(stack)]
     return Recipe.from_dict({"merge_method": METHOD, "dtype": dtype, "slices": slices}, "layer stack")
 
 

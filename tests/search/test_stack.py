@@ -103,7 +103,7 @@ def _stack_cfg(zoo, **layers) -> ExperimentConfig:
     return ExperimentConfig.model_validate(cfg)
 
 
-def test_a_stack_search_runs_and_exports_a_loadable_deeper_model(tiny_zoo, tmp_path):
+def test_a_stack_search_runs_and_exports_a_loadable_deeper_model(tiny_zoo, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from evomerge.cli import main
@@ -112,6 +112,9 @@ def test_a_stack_search_runs_and_exports_a_loadable_deeper_model(tiny_zoo, tmp_p
     summary = run_experiment(cfg, tmp_path / "run", RunOptions(quiet=True, in_process=True, track=False))
     assert summary["trials"]["complete"] == 8
     assert set(summary["sources"]) == {"zoo:cp", "zoo:rev", "zoo:sort"}
+    assert main(["status", str(tmp_path / "run"), "--top", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "layer stack" in lines[1] and ("|" in lines[2] or "-" in lines[2])  # e.g. "cp 0-1 | rev 1"
     out = tmp_path / "best"
     assert main(["export", str(tmp_path / "run"), str(out), "--no-register"]) == 0
     recipe = (out / "mergekit_config.yml").read_text()
