@@ -205,7 +205,8 @@ def finalize(
     # (candidate, split) -> its score; split None is the search split
     candidates: dict[tuple[str, str], tuple[dict[str, Any], int]] = {
         ("best", ""): (best.recipe, trial_seed(seed, best.seed_number)),
-        ("baseline", "default_merge"): (default_recipe, trial_seed(seed, -1)),
+        # the search's starting point: the untuned merge (weights 1/N), or a stack search's first model
+        ("baseline", "start" if cfg.layers else "default_merge"): (default_recipe, trial_seed(seed, -1)),
         **{("source", ref): (_source_recipe(space, ref, cfg.merge.dtype), 0) for ref in _scored_sources(cfg)},
     }
     wanted = [(c, split) for c in candidates for split in (("test",) if c[0] == "best" else (None, "test"))]

@@ -110,7 +110,7 @@ def test_a_stack_search_runs_and_exports_a_loadable_deeper_model(tiny_zoo, tmp_p
 
     cfg = _stack_cfg(tiny_zoo, min_layers=4, max_layers=6).resolved()
     summary = run_experiment(cfg, tmp_path / "run", RunOptions(quiet=True, in_process=True, track=False))
-    assert summary["trials"]["complete"] == 8
+    assert summary["trials"]["complete"] == 8 and set(summary["baselines"]) == {"start"}
     assert set(summary["sources"]) == {"zoo:cp", "zoo:rev", "zoo:sort"}
     assert main(["status", str(tmp_path / "run"), "--top", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
