@@ -152,3 +152,13 @@ def test_a_pareto_search_draws_its_front(tiny_zoo, tmp_path):
     assert summary["reports"] == ["history.png", "importance.png", "pareto_front.png"]
     assert all((out / "reports" / name).stat().st_size > 10_000 for name in summary["reports"])
     assert summary["pareto_front"]
+
+
+def test_the_run_log_records_every_session_and_trial(finished_run):
+    lines = (finished_run / "run.log").read_text().splitlines()
+    assert "session start (run; 1 worker(s), budget 6)" in lines[0]
+    assert len([line for line in lines if " COMPLETE fitness " in line]) == 6
+    assert "session end: best trial" in lines[-1]
+    assert main(["resume", str(finished_run), "--quiet"]) == 0  # the budget is met: a session with no trial
+    again = (finished_run / "run.log").read_text().splitlines()
+    assert again[: len(lines)] == lines and "session start (resume" in again[len(lines)]

@@ -14,7 +14,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.experiments.config import ExperimentConfig
-from evomerge.experiments.rundir import RunDir, holds_study, write_atomic, write_json
+from evomerge.experiments.rundir import RunDir, RunLog, holds_study, write_atomic, write_json
 from evomerge.search.loop import Budget, SearchLoop, SearchStats, TrialRecord, record_from_trial, trial_seed
 from evomerge.search.space import SearchSpace, Space
 from evomerge.search.stack import StackSpace
@@ -291,8 +291,6 @@ def run_experiment(
     cfg: ExperimentConfig, out: Path, options: RunOptions | None = None, *, resume: bool = False
 ) -> dict[str, Any]:
     """Run (or continue) the experiment in ``out``; return the summary."""
-    from evomerge.experiments.progress import ProgressObserver
-
     options = options or RunOptions()
     log = (lambda _msg: None) if options.quiet else print
     run = RunDir(out)
@@ -302,12 +300,31 @@ def run_experiment(
 
         open_client(tracking_uri(options.tracking_uri))
     run.create(cfg, accept_change=resume)
+    runlog = RunLog(run.path / "run.log")
+    try:
+        return _run_session(cfg, run, prep, options, resume, log, runlog)
+    except BaseException as err:
+        runlog(f"session failed: {type(err).__name__}: {err}")
+        raise
+    finally:
+        runlog.close()
+
+
+def _run_session(cfg, run: RunDir, prep: Prepared, options: RunOptions, resume: bool, log, runlog: RunLog):
+    from evomerge.experiments.progress import ProgressObserver
+
+    runlog(f"session start ({'resume' if resume else 'run'}; {prep.workers} worker(s), budget {cfg.search.trials})")
+
+    def both(message: str) -> None:
+        log(message)
+        runlog(message)
+
     study = open_study(cfg, run, prep, resume=resume)
     budget = Budget(cfg.search.trials, cfg.search.timeout_minutes * 60 if cfg.search.timeout_minutes else None)
     dispatcher = make_dispatcher(prep, options)
     started = time.monotonic()
     observer = ProgressObserver(budget.trials, prep.workers, quiet=options.quiet)
-    observers: list[Any] = [observer]
+    observers: list[Any] = [observer, runlog.trial]
     tracker = None
     if options.track:
         from evomerge.experiments.tracking import MlflowTracker
@@ -329,12 +346,13 @@ def run_experiment(
             stats = loop.run()
         if tracker is not None:
             tracker.backfill(study, prep.space)  # trials a crash left unlogged, and the interrupted ones
-        summary = finalize(prep, run, study, stats, dispatcher, log)
+        summary = finalize(prep, run, study, stats, dispatcher, both)
         summary["total_seconds"] = round(time.monotonic() - started, 2)
         if tracker is not None:
             summary["tracking_uri"] = tracker.uri
             summary["mlflow_experiment_id"] = tracker.experiment_id
         write_json(run.summary, summary)
+        runlog(f"session end: best trial {summary['best_trial']}, test fitness {summary['best_test_fitness']}")
     finally:
         dispatcher.close()
         if tracker is not None:

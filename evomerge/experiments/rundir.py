@@ -67,6 +67,33 @@ class RunDir:
         write_atomic(self.config_hash, digest + "\n")
 
 
+class RunLog:
+    """``RUN_DIR/run.log``: one timestamped line per event (session start and end, every
+    finished trial, the final scoring), appended and flushed at once, so a crash loses
+    no line already written."""
+
+    def __init__(self, path: Path):
+        self.fh = path.open("a", buffering=1)
+
+    def __call__(self, message: str) -> None:
+        from datetime import datetime, timezone
+
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for line in message.splitlines() or [""]:
+            self.fh.write(f"{stamp} {line}\n")
+        self.fh.flush()
+
+    def trial(self, record, stats) -> None:
+        """A search-loop observer."""
+        value = "" if record.value is None else f" fitness {record.value:.4f}"
+        error = f" error: {record.error}" if record.error else ""
+        timing = f" (merge {record.merge_seconds:.2f} s, score {record.score_seconds:.2f} s)"
+        self(f"trial {record.number} {record.state}{value}{timing}{error}")
+
+    def close(self) -> None:
+        self.fh.close()
+
+
 def check_sqlite(path: Path, what: str) -> None:
     """Refuse a SQLite file that is not a sound database (corrupt, truncated, not SQLite).
 
