@@ -85,8 +85,9 @@ class StackedModels:
     """The sources resident as modules, and one shell model whose layer list is rebuilt
     for each candidate stack from references to the sources' layers: no weight is
     copied. Embeddings come from the stack's first model, the final norm and the output
-    head from its last, and the config from its first, as in the exported passthrough
-    merge (the engine's plan), so the scored model is the exported one."""
+    head from its last, as in the exported passthrough merge (the engine's plan), so the
+    scored model is the exported one. The rest of the config (rotary embeddings, norm
+    epsilon) is the first listed model's; the space refuses models whose shapes differ."""
 
     def __init__(self, sources: dict[str, Path], device: torch.device, dtype: torch.dtype):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -123,7 +124,7 @@ class StackedModels:
         body = self.shell.get_decoder()
         body.layers = torch.nn.ModuleList(self.models[m].get_decoder().layers[i] for m, i in stack)
         body.embed_tokens = first.get_decoder().embed_tokens
-        body.norm = self.models[stack[-1][0]].get_decoder().norm
+        body.norm = last.get_decoder().norm
         self.shell.lm_head = first.lm_head if self.shell.config.tie_word_embeddings else last.lm_head
         self.shell.config.num_hidden_layers = len(stack)
         for key in self.depth_keys:
