@@ -23,6 +23,21 @@ def _magnitude_bits(x: Tensor) -> Tensor:
     return mag.view(torch.int32)
 
 
+def _magnitude_bits16(x: Tensor) -> Tensor:
+    """For bfloat16 and float16: flat int16 keys, the bit pattern with the sign cleared.
+    Both formats are sign-magnitude, so integer order is |x| order, the same order (and
+    the same ties) as the float32 keys of the same values, at a quarter of the traffic."""
+    return x.detach().reshape(-1).view(torch.int16) & 0x7FFF
+
+
+def _kth_largest_key16(keys: Tensor, k: int) -> int:
+    """As :func:`_kth_largest_key` for 15-bit keys: one histogram pass (bincount over
+    int16 runs several times faster than over int32 here)."""
+    from_top = torch.bincount(keys, minlength=_HI).flip(0).cumsum(0)
+    pos = int(torch.searchsorted(from_top, torch.tensor([k], device=keys.device)).item())
+    return _HI - 1 - pos
+
+
 def _kth_largest_key(keys: Tensor, k: int) -> int:
     """The key value T with count(keys > T) < k <= count(keys >= T), by two radix passes."""
     hist = torch.zeros(_HI, dtype=torch.int64, device=keys.device)
@@ -47,8 +62,12 @@ def topk_mask(x: Tensor, k: int) -> Tensor:
         return torch.ones_like(x, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    keys = _magnitude_bits(x)
-    threshold = _kth_largest_key(keys, k)
+    if x.dtype in (torch.bfloat16, torch.float16):
+        keys = _magnitude_bits16(x)
+        threshold = _kth_largest_key16(keys, k)
+    else:
+        keys = _magnitude_bits(x)
+        threshold = _kth_largest_key(keys, k)
     mask = keys > threshold
     need = k - int(torch.count_nonzero(mask))
     ties = keys == threshold

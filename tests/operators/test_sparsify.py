@@ -78,3 +78,16 @@ def test_sign_consensus_zero_counts_positive_and_zero_never_kept():
     w = torch.tensor([[1.0, -1.0, 0.0], [-1.0, -2.0, 0.0]])
     keep = sparsify.sign_consensus(w)
     assert keep.tolist() == [[True, True, False], [False, True, False]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_top_k_equals_the_float32_path(dtype):
+    """The 16-bit keys give the same order and the same ties as float32 keys."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(5000, generator=gen) * 0.01).to(dtype)
+    x[:1500] = x[2000:3500]  # many exact ties
+    x[7] = -x[8]  # a tie across signs
+    for density in (0.01, 0.3, 0.5, 0.97):
+        k = max(1, int(density * x.numel()))
+        mask = sparsify.topk_mask(x, k)
+        assert torch.equal(mask, sparsify.topk_mask(x.float(), k)) and int(mask.sum()) == k
