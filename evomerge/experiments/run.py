@@ -14,7 +14,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.experiments.config import ExperimentConfig
-from evomerge.experiments.rundir import RunDir, RunLog, holds_study, write_atomic, write_json
+from evomerge.experiments.rundir import RunDir, RunLog, check_sqlite, holds_study, write_atomic, write_json
 from evomerge.search.loop import Budget, SearchLoop, SearchStats, TrialRecord, record_from_trial, trial_seed
 from evomerge.search.space import SearchSpace, Space
 from evomerge.search.stack import StackSpace
@@ -114,6 +114,14 @@ def _stack_space(cfg: ExperimentConfig, paths: dict[str, str]) -> StackSpace:
     return StackSpace(cfg.models, depth, repeats=cfg.layers.repeats, depth=(low, high), dtype=cfg.merge.dtype)
 
 
+def _check_study_storage(cfg: ExperimentConfig, run: RunDir, resume: bool) -> None:
+    """Refuse a corrupt study storage, and on resume one that does not hold the study."""
+    if run.study_db.exists():
+        check_sqlite(run.study_db, "Optuna study storage")
+        if resume and not holds_study(run.study_db, cfg.name):
+            raise EvomergeError(f"{run.study_db}: holds no study '{cfg.name}' (emptied or replaced?); left untouched")
+
+
 def open_study(cfg: ExperimentConfig, run: RunDir, prep: Prepared, *, resume: bool = False):
     """The run's study (created on the first run). On resume an existing storage must
     hold it: an emptied or replaced file is refused, never re-initialised."""
@@ -130,11 +138,9 @@ def open_study(cfg: ExperimentConfig, run: RunDir, prep: Prepared, *, resume: bo
     if pruning.enabled and objectives > 1:
         raise EvomergeError("search.pruning works with one objective; turn it off for Pareto search")
     pruner = make_pruner(pruning.pruner, pruning.enabled, len(pruning.fractions))
-    storage = run.storage
-    if resume and run.study_db.exists() and not holds_study(run.study_db, cfg.name):
-        raise EvomergeError(f"{run.study_db}: holds no study '{cfg.name}' (emptied or replaced?); left untouched")
+    _check_study_storage(cfg, run, resume)
     study = optuna.create_study(
-        storage=storage,
+        storage=run.storage,
         study_name=cfg.name,
         sampler=sampler,
         pruner=pruner,
@@ -299,6 +305,7 @@ def run_experiment(
         from evomerge.experiments.tracking import open_client, tracking_uri
 
         open_client(tracking_uri(options.tracking_uri))
+    _check_study_storage(cfg, run, resume)  # a damaged storage is refused before anything is written
     run.create(cfg, accept_change=resume)
     runlog = RunLog(run.path / "run.log")
     try:
