@@ -67,6 +67,7 @@ def export_trial(
     prep = prepare(cfg, log=lambda _: None)
     named = recipe_with_paths(prep.space.recipe(frozen.params).to_dict(), prep.paths)
     recipe = Recipe.from_dict(named, f"trial {number}")
+    used = set(recipe.referenced_models())
     record: dict[str, Any] = {
         "experiment": cfg.name,
         "run_dir": str(run.path.resolve()),
@@ -82,6 +83,7 @@ def export_trial(
                 "role": "base" if ref == cfg.base_model else "source",
             }
             for ref, p in prep.paths.items()
+            if p in used  # a stack may leave a model out
         ],
         "tasks": list(cfg.fitness.tasks),
         "search_split": cfg.fitness.split,

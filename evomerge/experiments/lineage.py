@@ -122,8 +122,9 @@ def parents_of(model_dir: Path) -> tuple[str, list[tuple[str, str]], dict[str, A
             data = json.loads(record.read_text())
         except json.JSONDecodeError as err:
             raise EvomergeError(f"{record}: not valid JSON ({err.msg})") from None
-        refs = [(p.get("path") or p["name"], p.get("role", "source")) for p in data.get("parents", [])]
-        return data.get("method", "merge"), refs, data
+        parents = [p for p in data.get("parents", []) if isinstance(p, dict) and (p.get("path") or p.get("name"))]
+        refs = [(str(p.get("path") or p.get("name")), str(p.get("role", "source"))) for p in parents]
+        return str(data.get("method", "merge")), refs, data
     for config in (model_dir / "mergekit_config.yml", model_dir / "best_recipe.yml"):  # a model; a run directory
         if not config.is_file():
             continue

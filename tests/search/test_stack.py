@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.experiments.config import ExperimentConfig
@@ -125,3 +126,5 @@ def test_a_stack_search_runs_and_exports_a_loadable_deeper_model(tiny_zoo, tmp_p
     assert len(model.model.layers) == depth
     record = json.loads((out / "evomerge.json").read_text())
     assert record["test_fitness"] == summary["best_test_fitness"]
+    used = {s["sources"][0]["model"] for s in yaml.safe_load(recipe)["slices"]}
+    assert {p["path"] for p in record["parents"]} == used  # the models the stack uses, no others
