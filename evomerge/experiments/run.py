@@ -122,9 +122,9 @@ def _check_study_storage(cfg: ExperimentConfig, run: RunDir, resume: bool) -> No
             raise EvomergeError(f"{run.study_db}: holds no study '{cfg.name}' (emptied or replaced?); left untouched")
 
 
-def open_study(cfg: ExperimentConfig, run: RunDir, prep: Prepared, *, resume: bool = False):
-    """The run's study (created on the first run). On resume an existing storage must
-    hold it: an emptied or replaced file is refused, never re-initialised."""
+def open_study(cfg: ExperimentConfig, run: RunDir, prep: Prepared):
+    """The run's study, created on the first run (``run_experiment`` has refused a
+    damaged storage, or on resume one that does not hold the study, before this)."""
     import optuna
 
     from evomerge.search.samplers import make_pruner, make_sampler, population_size
@@ -138,7 +138,6 @@ def open_study(cfg: ExperimentConfig, run: RunDir, prep: Prepared, *, resume: bo
     if pruning.enabled and objectives > 1:
         raise EvomergeError("search.pruning works with one objective; turn it off for Pareto search")
     pruner = make_pruner(pruning.pruner, pruning.enabled, len(pruning.fractions))
-    _check_study_storage(cfg, run, resume)
     study = optuna.create_study(
         storage=run.storage,
         study_name=cfg.name,
@@ -326,7 +325,7 @@ def _run_session(cfg, run: RunDir, prep: Prepared, options: RunOptions, resume: 
         log(message)
         runlog(message)
 
-    study = open_study(cfg, run, prep, resume=resume)
+    study = open_study(cfg, run, prep)
     budget = Budget(cfg.search.trials, cfg.search.timeout_minutes * 60 if cfg.search.timeout_minutes else None)
     dispatcher = make_dispatcher(prep, options)
     started = time.monotonic()

@@ -37,6 +37,11 @@ class RunDir:
         return f"sqlite:///{self.study_db.resolve()}"
 
     @property
+    def tracking(self) -> Path:
+        """The MLflow store and parent run this run directory is tracked in."""
+        return self.path / "mlflow.json"
+
+    @property
     def summary(self) -> Path:
         return self.path / "summary.json"
 
@@ -94,19 +99,25 @@ class RunLog:
         self.fh.close()
 
 
+def _open_existing(path: Path):
+    """A connection to an existing SQLite file, never creating one. Read-write, because
+    a process killed in the middle of a transaction leaves a hot journal that SQLite
+    must roll back on the next open: that recovery is the database working as designed,
+    and read-only it fails. The callers only read."""
+    import sqlite3
+
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
+
+
 def check_sqlite(path: Path, what: str) -> None:
     """Refuse a SQLite file that is not a sound database (corrupt, truncated, not SQLite).
-
-    The check writes nothing to a sound file and leaves a refused one exactly as it was.
-    It opens the file read-write (never creating it) because a process killed in the
-    middle of a transaction leaves a hot journal that SQLite must roll back on the next
-    open: that recovery is the database working as designed, and read-only it fails."""
+    The check writes nothing to a sound file and leaves a refused one exactly as it was."""
     import sqlite3
 
     if not path.exists():
         return
     try:
-        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
+        con = _open_existing(path)
         try:
             rows = con.execute("PRAGMA quick_check").fetchall()
         finally:
@@ -119,11 +130,10 @@ def check_sqlite(path: Path, what: str) -> None:
 
 
 def holds_study(path: Path, name: str) -> bool:
-    """Whether the SQLite file at ``path`` holds the Optuna study ``name`` (reads only;
-    opened read-write so a hot journal left by a crash can be rolled back)."""
+    """Whether the SQLite file at ``path`` holds the Optuna study ``name``."""
     import sqlite3
 
-    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
+    con = _open_existing(path)
     try:
         return con.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
     except sqlite3.Error:

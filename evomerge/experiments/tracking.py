@@ -84,18 +84,23 @@ def model_hash(path: str, blocks: int = 256, block: int = 4096) -> str:
     return h.hexdigest()[:16]
 
 
+def parent_run_id(run: RunDir, uri: str) -> str | None:
+    """The parent run of a run directory, from ``RUN_DIR/mlflow.json``, when it was tracked in ``uri``."""
+    if not run.tracking.is_file():
+        return None
+    saved = json.loads(run.tracking.read_text())
+    return saved["parent_run_id"] if saved.get("tracking_uri") == uri else None
+
+
 def trial_run_id(client, run: RunDir, number: int, uri: str) -> str | None:
     """The child run of trial ``number`` of a run directory tracked in ``uri`` (None when not tracked there)."""
-    state = run.path / "mlflow.json"
-    if not state.is_file():
+    parent_id = parent_run_id(run, uri)
+    if parent_id is None:
         return None
-    saved = json.loads(state.read_text())
-    if saved.get("tracking_uri") != uri:
-        return None
-    parent = client.get_run(saved["parent_run_id"])
+    parent = client.get_run(parent_id)
     found = client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{saved['parent_run_id']}' and tags.trial = '{number}'",
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial = '{number}'",
         max_results=1,
     )
     return found[0].info.run_id if found else None
@@ -119,19 +124,17 @@ class MlflowTracker:
         self.logged = self._children()
 
     def _parent(self, cfg: ExperimentConfig) -> str:
-        state = self.run.path / "mlflow.json"
-        if state.is_file():
-            saved = json.loads(state.read_text())
-            if saved.get("tracking_uri") == self.uri:
-                self.client.update_run(saved["parent_run_id"], status="RUNNING")
-                return saved["parent_run_id"]
+        saved = parent_run_id(self.run, self.uri)
+        if saved is not None:
+            self.client.update_run(saved, status="RUNNING")
+            return saved
         parent = self.client.create_run(
             self.experiment_id,
             run_name=self.run.path.name,
             tags={"run_dir": str(self.run.path.resolve()), "sampler": cfg.search.sampler, **self.tags},
         )
         self.client.log_text(parent.info.run_id, cfg.to_yaml(), "config.yaml")
-        write_json(state, {"tracking_uri": self.uri, "parent_run_id": parent.info.run_id})
+        write_json(self.run.tracking, {"tracking_uri": self.uri, "parent_run_id": parent.info.run_id})
         return parent.info.run_id
 
     def _children(self) -> set[int]:
@@ -235,10 +238,8 @@ def log_lineage(tree_json: dict[str, Any], png: Path, target: Path, uri: str | N
         data = json.loads(record.read_text())
         if Path(data.get("run_dir", "")).is_dir():
             run_id = trial_run_id(client, RunDir(Path(data["run_dir"])), int(data["trial"]), uri)
-    state = target / "mlflow.json"
-    if run_id is None and state.is_file():
-        saved = json.loads(state.read_text())
-        run_id = saved["parent_run_id"] if saved.get("tracking_uri") == uri else None
+    if run_id is None:
+        run_id = parent_run_id(RunDir(target), uri)
     if run_id is None:
         exp = client.get_experiment_by_name("evomerge-lineage")
         exp_id = exp.experiment_id if exp else client.create_experiment("evomerge-lineage", _artifact_root(uri))

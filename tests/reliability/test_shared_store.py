@@ -3,36 +3,24 @@ so both also race to create its tables): nothing lost, no "database is locked"."
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
+
+from .common import cli_env, write_experiment
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_two_experiments_on_one_store_at_once(tiny_zoo, tmp_path):
-    store = f"sqlite:///{tmp_path / 'shared.db'}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT)}
+    env = cli_env(tmp_path / "shared.db")
+    store = env["MLFLOW_TRACKING_URI"]
     procs = {}
     for name, method in (("left", "task_arithmetic"), ("right", "linear")):
-        cfg = {
-            "name": name,
-            "zoo": str(tiny_zoo),
-            "models": ["zoo:cp", "zoo:rev", "zoo:sort"],
-            "base_model": "zoo:base" if method == "task_arithmetic" else None,
-            "merge": {"method": method, "parameters": {"weight": {"low": 0.0, "high": 1.5}}},
-            "fitness": {"tasks": ["cp", "rev", "sort"], "samples": 20},
-            "search": {"sampler": "tpe", "seed": 1, "trials": 24},
-            "workers": 1,
-            "device": "cpu",
-        }
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if v is not None}))
+        merge = {"method": method, "parameters": {"weight": {"low": 0.0, "high": 1.5}}}
+        search = {"sampler": "tpe", "seed": 1, "trials": 24}
+        path = write_experiment(tiny_zoo, tmp_path / f"{name}.yaml", name=name, merge=merge, search=search, samples=20)
         cmd = [sys.executable, "-m", "evomerge.cli", "run", str(path), "--out", str(tmp_path / name), "--quiet"]
         procs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for proc in procs.values():
@@ -76,7 +64,7 @@ def test_processes_opening_a_fresh_store_at_the_same_instant(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
     start = time.time() + 6  # every process imported and waiting
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = cli_env()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", RACER, str(start), uri, f"e{i}"], env=env, stderr=subprocess.PIPE, text=True

@@ -5,7 +5,6 @@ line and a non-zero exit, and leaves every file that was there exactly as it was
 from __future__ import annotations
 
 import hashlib
-import os
 import resource
 import subprocess
 import sys
@@ -17,8 +16,7 @@ from evomerge.cli import main
 from evomerge.experiments.run import RunOptions, run_experiment
 
 from ..search.conftest import tiny_config
-
-ROOT = Path(__file__).resolve().parents[2]
+from .common import cli_env
 
 
 def _digest(path: Path) -> dict[str, str]:
@@ -46,7 +44,7 @@ def test_disk_full_during_export(finished_run, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
 
     cmd = [sys.executable, "-m", "evomerge.cli", "export", str(finished_run), str(exports / "second"), "--no-register"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = cli_env()
     proc = subprocess.run(cmd, env=env, preexec_fn=limit, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"evomerge export: error: {exports / 'second'}")

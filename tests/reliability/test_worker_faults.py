@@ -13,10 +13,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
+
+from .common import cli_env, write_experiment
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _actors(root: psutil.Process) -> list[psutil.Process]:
@@ -31,26 +31,11 @@ def _actors(root: psutil.Process) -> list[psutil.Process]:
 
 
 def test_actor_killed_mid_candidate_is_replaced_and_the_search_finishes(tiny_zoo, tmp_path):
-    cfg = {
-        "name": "actor-killed",
-        "zoo": str(tiny_zoo),
-        "models": ["zoo:cp", "zoo:rev", "zoo:sort"],
-        "base_model": "zoo:base",
-        "merge": {"method": "ties", "parameters": {"weight": {"low": 0.0, "high": 1.5}, "density": 0.5}},
-        "fitness": {"tasks": ["cp", "rev", "sort"], "samples": 60},
-        "search": {"sampler": "cmaes", "seed": 5, "trials": 20},
-        "workers": 1,
-        "device": "cpu",
-    }
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    ties = {"method": "ties", "parameters": {"weight": {"low": 0.0, "high": 1.5}, "density": 0.5}}
+    search = {"sampler": "cmaes", "seed": 5, "trials": 20}
+    path = write_experiment(tiny_zoo, tmp_path / "exp.yaml", name="actor-killed", merge=ties, search=search, samples=60)
     run = tmp_path / "run"
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "PYTHONPATH": str(ROOT),
-    }
+    env = cli_env(tmp_path / "mlflow.db")
     cmd = [sys.executable, "-m", "evomerge.cli", "run", str(path), "--out", str(run), "--quiet"]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
