@@ -194,7 +194,7 @@ class SearchLoop:
         from optuna.trial import TrialState
 
         start = time.monotonic()
-        self.earlier = recover_interrupted(self.study)
+        self.earlier = recover_interrupted(self.study, self.space)
         self._warming_up = not self.study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
         try:
             while True:
@@ -213,20 +213,20 @@ class SearchLoop:
         return self.stats
 
 
-def recover_interrupted(study) -> int:
+def recover_interrupted(study, space: Space) -> int:
     """Tell FAIL the trials an interrupted run left RUNNING, and enqueue each one's
     parameters again (once); return how many trials have finished.
 
-    A trial killed between ``ask`` and its first suggestion holds no parameters:
-    it was never dispatched, so it is failed and not retried (there is nothing to
-    repeat; the sampler proposes afresh)."""
+    A trial killed while its parameters were drawn (after ``ask``, before the last
+    suggestion) holds none or only some: it was never dispatched, so it is failed and
+    not retried (there is nothing to repeat; the sampler proposes afresh)."""
     from optuna.trial import TrialState
 
     finished = 0
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.RUNNING:
             study.tell(t.number, state=TrialState.FAIL)
-            if t.params and "retry_of" not in t.user_attrs:
+            if space.complete(t.params) and "retry_of" not in t.user_attrs:
                 study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             finished += 1
         elif t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
@@ -246,7 +246,7 @@ def record_from_trial(trial, space: Space) -> TrialRecord:
         trial.number,
         state,
         dict(trial.params),
-        space.recipe(trial.params).to_dict() if trial.params else {},
+        space.recipe(trial.params).to_dict() if space.complete(trial.params) else {},
         value,
         values,
         dict(detail.get("tasks", {})),

@@ -49,6 +49,8 @@ class Space(Protocol):
 
     def recipe(self, params: dict[str, Any], paths: dict[str, str] | None = None) -> Recipe: ...
 
+    def complete(self, params: dict[str, Any]) -> bool: ...
+
 
 class SearchSpace:
     """Searched dimensions and fixed values for each candidate method."""
@@ -146,6 +148,13 @@ class SearchSpace:
         for d in self.dims[method]:
             params[d.name] = trial.suggest_float(d.name, d.low, d.high, log=d.log)
         return params
+
+    def complete(self, params: dict[str, Any]) -> bool:
+        """Whether ``params`` holds every value of a point (a trial killed while its
+        parameters were drawn holds only some)."""
+        if len(self.ops) > 1 and params.get("method") not in self.ops:
+            return False
+        return all(d.name in params for d in self.dims[self.method_of(params)])
 
     def method_of(self, params: dict[str, Any]) -> str:
         return params.get("method", self.merge.methods[0])

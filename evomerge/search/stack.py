@@ -68,6 +68,9 @@ class StackSpace:
     def sample(self, trial) -> dict[str, Any]:
         return {d.name: trial.suggest_float(d.name, -1.0, 1.0) for d in self.dims[METHOD]}
 
+    def complete(self, params: dict[str, Any]) -> bool:
+        return all(d.name in params for d in self.dims[METHOD])
+
     def default_params(self, method: str | None = None) -> dict[str, Any]:
         """The centre of the cube: the first model as it is."""
         return {d.name: 0.0 for d in self.dims[METHOD]}

@@ -93,14 +93,18 @@ def test_interrupted_trials_are_failed_and_retried_once_and_the_budget_holds(tin
     assert record.seed_number == stale.number and record.tasks == same.tasks and record.samples == 60
 
 
-def test_a_trial_killed_before_its_parameters_is_failed_not_retried(tiny_cfg, tmp_path):
-    loop, study, _ = _loop(tiny_cfg(), tmp_path, trials=4)
+def test_a_trial_killed_before_all_its_parameters_is_failed_not_retried(tiny_cfg, tmp_path):
+    loop, study, prep = _loop(tiny_cfg(), tmp_path, trials=5)
     loop.budget.trials = 2
     loop.run()
     empty = study.ask()  # killed between ask and the first suggestion: no parameters
-    loop2, study2, _ = _loop(tiny_cfg(), tmp_path, trials=4)
+    partial = study.ask()  # killed while drawing them: one of three
+    partial.suggest_float("weight[zoo:cp]", 0.0, 1.5)
+    loop2, study2, _ = _loop(tiny_cfg(), tmp_path, trials=5)
     loop2.run()
     trials = study2.trials
-    assert trials[empty.number].state == optuna.trial.TrialState.FAIL
+    assert trials[empty.number].state == trials[partial.number].state == optuna.trial.TrialState.FAIL
     assert not any("retry_of" in t.user_attrs for t in trials)
-    assert len(trials) == 4 and all(t.params for t in trials if t.number != empty.number)
+    assert len(trials) == 5 and all(prep.space.complete(t.params) for t in trials if t.number > partial.number)
+    record = record_from_trial(trials[partial.number], prep.space)  # what the tracker logs for it
+    assert record.state == "FAIL" and record.recipe == {} and "interrupted" in (record.error or "")
