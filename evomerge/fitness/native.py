@@ -9,6 +9,8 @@ decoding loop. Items are encoded once and reused for every candidate model.
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,24 +55,70 @@ def encode(tokenizer, items: Sequence[Item]) -> Encoded:
     return Encoded(ids, mask, target)
 
 
+def shared_prefix(batch: Encoded) -> int:
+    """Tokens that every item starts with, up to (not including) its first scored position.
+
+    A task's prompts usually share a head (an instruction, few-shot examples, a
+    ``task:`` tag); its hidden states are the same for every item under causal
+    attention, so they are computed once.
+    """
+    if len(batch) == 0:
+        return 0
+    same = (batch.ids == batch.ids[0]).all(dim=0).long().cumprod(dim=0)
+    first_answer = int((batch.target >= 0).long().argmax(dim=1).min())
+    return min(int(same.sum()), first_answer)
+
+
+def _prefix_cache(body, ids: torch.Tensor):
+    """The KV cache of ``ids`` (one row), or None when the model keeps none.
+
+    A layer stack turns its cache off (one layer may run twice and would clash in
+    a per-layer cache slot); such a model is scored without a shared prefix.
+    """
+    if len(ids) == 0 or not getattr(body.config, "use_cache", True):
+        return None
+    out = body(input_ids=ids[None], use_cache=True)
+    cache = getattr(out, _cache_keyword(body))
+    return cache if hasattr(cache, "batch_repeat_interleave") else None
+
+
+def _cache_keyword(body) -> str:
+    """The name of the KV-cache argument and output: ``cache`` (transformers >= 5.24) or
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def score(model, batch: Encoded, *, batch_size: int = 160) -> torch.Tensor:
     """Exact match of the greedy continuation for each encoded item (bool, on the CPU).
 
     Sequences are right-padded, so under causal attention no real token ever sees a
     pad: the forward pass needs no attention mask. Items go through in batches of
-    similar length (less padding), and the output head runs only at answer positions.
+    similar length (less padding), the prefix every item shares runs once (its KV
+    cache is repeated over each batch), and the output head runs only at answer
+    positions.
     """
     device = next(model.parameters()).device
     body, head = model.get_decoder(), model.get_output_embeddings()
+    n_prefix = shared_prefix(batch)
+    prefix = _prefix_cache(body, batch.ids[0, :n_prefix].to(device))
+    if prefix is None:
+        n_prefix = 0
     lengths = batch.mask.sum(dim=1)
     order = torch.argsort(lengths, stable=True)
     hits = torch.zeros(len(batch), dtype=torch.bool)
     for start in range(0, len(batch), batch_size):
         rows = order[start : start + batch_size]
         width = int(lengths[rows].max())
-        ids, target = batch.ids[rows, :width].to(device), batch.target[rows, :width].to(device)
-        hidden = body(input_ids=ids, use_cache=False).last_hidden_state
+        ids = batch.ids[rows, n_prefix:width].to(device)
+        target = batch.target[rows, n_prefix:width].to(device)
+        if prefix is None:
+            hidden = body(input_ids=ids, use_cache=False).last_hidden_state
+        else:
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(len(rows))
+            kwargs = {_cache_keyword(body): cache}
+            hidden = body(input_ids=ids, use_cache=True, **kwargs).last_hidden_state
         answer = target >= 0
         hit = torch.ones_like(target, dtype=torch.bool)
         hit[answer] = head(hidden[answer]).argmax(-1) == target[answer]

@@ -9,7 +9,7 @@ import torch
 
 from evomerge.fitness.data import write_jsonl
 from evomerge.fitness.lmeval import LmEvalScorer, LmEvalTask
-from evomerge.fitness.native import encode, score
+from evomerge.fitness.native import encode, score, shared_prefix
 from evomerge.fitness.tasks import VOCAB, Item
 from evomerge.fitness.tokenizer import build_tokenizer
 from evomerge.fitness.zoo import TINY, _llama, _lm_eval_yaml
@@ -17,17 +17,12 @@ from evomerge.fitness.zoo import TINY, _llama, _lm_eval_yaml
 CHARS = VOCAB[2:]
 
 
-@pytest.fixture(scope="module")
-def model_and_items():
-    """A random tiny model and items whose answers are half its own greedy output, half not."""
-    tok = build_tokenizer()
-    model = _llama(TINY.model_copy(update={"seed": 3})).eval()
-    with torch.no_grad():  # decisive logits: a random init has near-ties that rounding can flip
-        model.lm_head.weight.mul_(200.0)
-    rng = random.Random(0)
+def _items(model, tok, *, head: str = "", count: int = 80, seed: int = 0) -> list[Item]:
+    """Items whose answers are half the model's own greedy output, half not."""
+    rng = random.Random(seed)
     items: list[Item] = []
-    while len(items) < 80:
-        prompt = "".join(rng.choice(CHARS) for _ in range(rng.randint(3, 8)))
+    while len(items) < count:
+        prompt = head + "".join(rng.choice(CHARS) for _ in range(rng.randint(3, 8)))
         ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
         n = rng.randint(1, 3)
         with torch.no_grad():
@@ -40,7 +35,17 @@ def model_and_items():
             wrong = rng.choice([c for c in CHARS if c != answer[-1]])
             answer = answer[:-1] + wrong
         items.append(Item(prompt, answer))
-    return model, tok, items
+    return items
+
+
+@pytest.fixture(scope="module")
+def model_and_items():
+    """A random tiny model with decisive logits, and items of random prompts."""
+    tok = build_tokenizer()
+    model = _llama(TINY.model_copy(update={"seed": 3})).eval()
+    with torch.no_grad():  # decisive logits: a random init has near-ties that rounding can flip
+        model.lm_head.weight.mul_(200.0)
+    return model, tok, _items(model, tok)
 
 
 def _generate_hits(model, tok, items):
@@ -59,6 +64,22 @@ def test_native_matches_generate(model_and_items):
     native = score(model, encode(tok, items), batch_size=16).tolist()
     assert native == _generate_hits(model, tok, items)
     assert 0 < sum(native) < len(native)
+
+
+def test_shared_prefix_runs_once_and_scores_the_same(model_and_items):
+    model, tok, _ = model_and_items
+    items = _items(model, tok, head="sort:xyz,", count=40, seed=1)
+    enc = encode(tok, items)
+    assert shared_prefix(enc) == len("sort:xyz,")
+    assert shared_prefix(enc.subset([0])) == len(tok(items[0].prompt)["input_ids"]) - 1
+    shared = score(model, enc, batch_size=16).tolist()
+    model.config.use_cache = False  # no KV cache: every item runs in full
+    try:
+        full = score(model, enc, batch_size=16).tolist()
+    finally:
+        model.config.use_cache = True
+    assert shared == full == _generate_hits(model, tok, items)
+    assert 0 < sum(shared) < len(shared)
 
 
 @pytest.mark.slow
