@@ -94,6 +94,14 @@ def test_the_in_memory_stack_is_the_exported_model(tiny_zoo, tmp_path):
     assert all(in_memory.model.layers[k] is sources[m].model.layers[i] for k, (m, i) in enumerate(stack))  # no copies
     scored = worker.run(Job(0, recipe.to_dict(), seed=0))
     assert scored.ok and 0 <= scored.value <= 1
+    # The stack (cache off: a layer runs twice) is scored in full, the export with
+    # its shared prompt head cached: the same hits item by item.
+    from evomerge.fitness.native import encode, score, shared_prefix
+    from evomerge.fitness.tasks import held_out
+
+    enc = encode(worker.stacks.tokenizer, held_out("rev", 60, seed=0, exclude=set()))
+    assert shared_prefix(enc) > 0
+    assert score(in_memory, enc).tolist() == score(exported, enc).tolist()
 
 
 def _stack_cfg(zoo, **layers) -> ExperimentConfig:
