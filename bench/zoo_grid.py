@@ -13,10 +13,11 @@ import argparse
 import itertools
 import json
 import time
+from pathlib import Path
 
 from evomerge.experiments.config import ExperimentConfig, MergeSpace
 from evomerge.fitness.evaluate import FitnessConfig
-from evomerge.fitness.zoo import default_zoo_dir, ensure_zoo
+from evomerge.fitness.zoo import default_zoo_dir, ensure_zoo, load_zoo
 from evomerge.search.space import SearchSpace
 from evomerge.search.worker import Job, MergeWorker, WorkerSpec
 
@@ -26,9 +27,10 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--values", default="0,0.25,0.5,0.75,1,1.25")
     ap.add_argument("--samples", type=int, default=None)
-    ap.add_argument("--zoo", default=None)
+    ap.add_argument("--zoo", default=None, help="a zoo directory, used as it is (default: the cached demo zoo)")
     args = ap.parse_args()
-    zoo = ensure_zoo(default_zoo_dir() if args.zoo is None else __import__("pathlib").Path(args.zoo))
+    zoo = ensure_zoo(default_zoo_dir()) if args.zoo is None else Path(args.zoo).resolve()
+    load_zoo(zoo)  # a clear error when it is not a zoo
     fitness = FitnessConfig(tasks={"add": {}, "rev": {}, "sort": {}}, split=args.split, samples=args.samples)
     cfg = ExperimentConfig(
         zoo=str(zoo),

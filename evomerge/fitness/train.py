@@ -36,9 +36,21 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class Replay:
+    """Batches drawn in advance from a sampler, handed out in order: trainings that would
+    have drawn them one after another from one sampler can then run side by side (in
+    other processes) on exactly the same data."""
+
+    def __init__(self, batches: list[list[Item]]):
+        self._batches = iter(batches)
+
+    def batch(self, mix: dict[str, float], size: int) -> list[Item]:
+        return next(self._batches)
+
+
 def train(
     model,
-    sampler: TrainSampler,
+    sampler: TrainSampler | Replay,
     mix: dict[str, float],
     *,
     steps: int,
