@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The main job on the demo zoo: builds the zoo when missing (about 2.5 minutes on
+# The main job on the demo zoo: builds the zoo when missing (about 3 minutes on
 # 2 cores), then a 48-trial CMA-ES search on 2 Ray workers.
 demo: $(STAMP)
 	RAY_AUTH_MODE=disabled $(VENV)/bin/evomerge run configs/demo.yaml --out runs/demo

@@ -102,7 +102,7 @@ def test_eval_bad_config_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_zoo_builds_and_specialists_lead_their_task(tmp_path):
-    """The shipped demo recipe, built as `make demo` would (about 2.5 minutes on 2 cores):
+    """The shipped demo recipe, built as `make demo` would (about 3 minutes on 2 cores):
     every specialist gains most on its own task, and the tasks with headroom gain clearly."""
     manifest = build_zoo(tmp_path / "demo", ZooRecipe(), log=lambda _: None)
     models, tasks = manifest["models"], list(manifest["tasks"])
