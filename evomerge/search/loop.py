@@ -10,6 +10,7 @@ samples, reported at each step, and told PRUNED when the pruner says so.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class SearchLoop:
         self.flights: dict[int, _Flight] = {}
         self.promote: list[int] = []
         self._warming_up = False
+        self.scored: dict[str, tuple[int, JobResult]] = {}  # deterministic recipe -> first trial and result
         self.earlier = 0  # trials finished by earlier runs of this study (they count towards the budget)
 
     # ---- helpers -----------------------------------------------------------
@@ -125,6 +127,12 @@ class SearchLoop:
         recipe = self.space.recipe(params).to_dict()
         flight = _Flight(trial, params, recipe, origin_of(trial))
         self.flights[trial.number] = flight
+        key = _recipe_key(recipe)
+        earlier = self.scored.get(key) if key is not None else None
+        if earlier is not None:  # the same merge was scored: its result, not a second run
+            flight.trial.set_user_attr("same_as", earlier[0])
+            self._finish(trial.number, "COMPLETE", earlier[1])
+            return
         self.dispatcher.submit(self._job(trial.number, flight))
 
     def _finish(self, number: int, state: str, result: JobResult) -> None:
@@ -144,6 +152,7 @@ class SearchLoop:
         if state == "COMPLETE":
             self.study.tell(flight.trial, values if len(values or []) > 1 else result.value)
             self.stats.complete += 1
+            self._remember(number, flight.recipe, result)
         else:
             self.study.tell(flight.trial, state=TrialState.PRUNED if state == "PRUNED" else TrialState.FAIL)
             if state == "PRUNED":
@@ -167,6 +176,11 @@ class SearchLoop:
         self.stats.records.append(record)
         for observe in self.observers:
             observe(record, self.stats)
+
+    def _remember(self, number: int, recipe: dict[str, Any], result: JobResult) -> None:
+        key = _recipe_key(recipe)
+        if key is not None:
+            self.scored.setdefault(key, (number, result))
 
     def _handle(self, result: JobResult) -> None:
         flight = self.flights[result.key]
@@ -195,6 +209,10 @@ class SearchLoop:
 
         start = time.monotonic()
         self.earlier = recover_interrupted(self.study, self.space)
+        for trial in self.study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]):
+            r = record_from_trial(trial, self.space)  # a resumed run reuses what was scored
+            if r.recipe and r.value is not None:
+                self._remember(r.number, r.recipe, JobResult(r.number, r.value, r.values, r.tasks))
         self._warming_up = not self.study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
         try:
             while True:
@@ -211,6 +229,21 @@ class SearchLoop:
         finally:
             self.stats.wall_seconds = time.monotonic() - start
         return self.stats
+
+
+def _recipe_key(recipe: dict[str, Any]) -> str | None:
+    """A key for a recipe whose merge is deterministic (its result depends on nothing
+    but the recipe: no random sparsifier, whose draw the trial seed sets), else None.
+    Spaces with discrete decodings, such as layer stacks, map many points to one
+    recipe; CMA-ES near its mean proposes the same stack again and again."""
+    from evomerge.operators.registry import get_operator
+
+    try:
+        if get_operator(str(recipe.get("merge_method", "passthrough"))).random:
+            return None
+    except Exception:  # an unknown method: the worker will report it
+        return None
+    return json.dumps(recipe, sort_keys=True, default=str)
 
 
 def recover_interrupted(study, space: Space) -> int:

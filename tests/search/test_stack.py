@@ -136,3 +136,39 @@ def test_a_stack_search_runs_and_exports_a_loadable_deeper_model(tiny_zoo, tmp_p
     assert record["test_fitness"] == summary["best_test_fitness"]
     used = {s["sources"][0]["model"] for s in yaml.safe_load(recipe)["slices"]}
     assert {p["path"] for p in record["parents"]} == used  # the models the stack uses, no others
+
+
+def test_a_stack_proposed_again_reuses_its_score(tiny_zoo, tmp_path):
+    """CMA-ES near its mean decodes to the same stack again and again: the loop tells the
+    first result again instead of merging and scoring it twice, on resume too."""
+    from evomerge.experiments.run import open_study
+    from evomerge.experiments.rundir import RunDir
+    from evomerge.search.dispatch import InProcessDispatcher
+    from evomerge.search.loop import Budget, SearchLoop
+    from evomerge.search.worker import MergeWorker
+
+    cfg = _stack_cfg(tiny_zoo)
+    prep = prepare(cfg, log=lambda _: None)
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    study = open_study(cfg, run, prep)
+    dispatcher = InProcessDispatcher(worker=MergeWorker(prep.spec))
+    submitted: list[int] = []
+    submit = dispatcher.submit
+    dispatcher.submit = lambda job: (submitted.append(job.key), submit(job))[1]  # type: ignore[method-assign]
+    stats = SearchLoop(study, prep.space, dispatcher, budget=Budget(16), seed=0).run()
+    assert stats.complete == 16
+    again = [t for t in study.trials if "same_as" in t.user_attrs]
+    assert again and len(submitted) == 16 - len(again)
+    assert stats.samples_scored == len(submitted) * 3 * 20
+    recipe = lambda t: prep.space.recipe(t.params).to_dict()  # noqa: E731
+    for t in again:
+        first = study.trials[t.user_attrs["same_as"]]
+        assert "same_as" not in first.user_attrs and first.number in submitted
+        assert recipe(t) == recipe(first) and t.value == first.value
+    # a resumed loop knows what the earlier one scored
+    submitted.clear()
+    stats = SearchLoop(study, prep.space, dispatcher, budget=Budget(32), seed=0).run()
+    later = [t for t in study.trials[16:] if "same_as" in t.user_attrs]
+    assert later and len(submitted) == 16 - len(later)
+    assert any(t.user_attrs["same_as"] < 16 for t in later)
