@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.search.dispatch import Dispatcher
+from evomerge.search.samplers import fidelity_step
 from evomerge.search.space import Space
 from evomerge.search.worker import Job, JobResult
 
@@ -194,7 +195,7 @@ class SearchLoop:
             return
         last = flight.stage == len(self.fractions) - 1
         if not last:
-            flight.trial.report(result.value, flight.stage)
+            flight.trial.report(result.value, fidelity_step(self.fractions[flight.stage]))
             if flight.trial.should_prune():
                 self._finish(result.key, "PRUNED", result)
                 return

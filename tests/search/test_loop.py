@@ -47,9 +47,10 @@ def test_failed_and_nan_candidates_are_recorded_and_the_search_goes_on(tiny_cfg,
     assert errors[1] == "injected merge failure" and "NaN" in errors[2]
 
 
-def test_pruning_scores_fewer_samples(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("pruner", ["median", "successive_halving"])
+def test_pruning_scores_fewer_samples(tiny_cfg, tmp_path, pruner):
     cfg = tiny_cfg(
-        search__pruning={"enabled": True, "fractions": [0.25, 1.0], "pruner": "median"},
+        search__pruning={"enabled": True, "fractions": [0.25, 1.0], "pruner": pruner},
         search__sampler="random",
         fitness__samples=40,
     )
