@@ -87,10 +87,12 @@ class FitnessResult:
     per_sample: dict[str, list[bool]]
     seconds: float
     values: list[float] = field(default_factory=list)  # one per objective
+    reused: int = 0  # per-sample results taken from an earlier, lower-fidelity evaluation
 
     @property
     def samples(self) -> int:
-        return sum(len(v) for v in self.per_sample.values())
+        """Samples scored by this evaluation (not counting reused ones)."""
+        return sum(len(v) for v in self.per_sample.values()) - self.reused
 
     def to_json(self) -> dict[str, Any]:
         return {"fitness": self.fitness, "tasks": self.tasks, "seconds": round(self.seconds, 4)}
@@ -189,27 +191,42 @@ class Evaluator:
         return order[: self.cfg.samples] if self.cfg.samples else order
 
     # ---- scoring ----------------------------------------------------------
-    def evaluate(self, model, tokenizer, *, fraction: float = 1.0) -> FitnessResult:
-        """Score ``model`` on every task (the first ``fraction`` of each task's samples)."""
+    def evaluate(
+        self, model, tokenizer, *, fraction: float = 1.0, prior: dict[str, list[bool]] | None = None
+    ) -> FitnessResult:
+        """Score ``model`` on every task (the first ``fraction`` of each task's samples).
+
+        ``prior``: this model's per-sample results on a smaller fraction (an earlier
+        fidelity of the same candidate); those samples are not scored again, only the
+        ones beyond them, and the fitness is computed over all of them together.
+        """
         start = time.perf_counter()
-        per_sample: dict[str, list[bool]] = {}
+        prior = prior or {}
+        names = list(self.lm_tasks) if self.backend == "lm-eval" else list(self.items)
+        done = {n: list(prior.get(n, []))[: len(self._head(n, fraction))] for n in names}
+        todo: dict[str, Sequence[int]] = {n: self._head(n, fraction)[len(done[n]) :] for n in names}
+        new: dict[str, list[bool]] = {}
         if self.backend == "lm-eval":
             from evomerge.fitness.lmeval import LmEvalScorer
 
-            idx: dict[str, Sequence[int]] = {n: self._head(n, fraction) for n in self.lm_tasks}
-            scores = LmEvalScorer(model, tokenizer, batch_size=self.cfg.batch_size).score(
-                self.lm_tasks, self.split, idx
-            )
-            per_sample = {n: [s >= 0.5 for s in v] for n, v in scores.items()}
+            wanted = {n: t for n, t in self.lm_tasks.items() if todo[n]}
+            if wanted:
+                scores = LmEvalScorer(model, tokenizer, batch_size=self.cfg.batch_size).score(
+                    wanted, self.split, {n: todo[n] for n in wanted}
+                )
+                new = {n: [s >= 0.5 for s in v] for n, v in scores.items()}
         else:
             from evomerge.fitness.native import score
 
-            for name in self.items:
-                enc = self._encode(name, tokenizer).subset(range(len(self._head(name, fraction))))
-                per_sample[name] = score(model, enc, batch_size=self.cfg.batch_size).tolist()
+            for name in names:
+                begin = len(done[name])
+                enc = self._encode(name, tokenizer).subset(range(begin, begin + len(todo[name])))
+                new[name] = score(model, enc, batch_size=self.cfg.batch_size).tolist() if todo[name] else []
+        per_sample = {n: done[n] + new.get(n, []) for n in names}
         accs = {n: (sum(v) / len(v) if v else 0.0) for n, v in per_sample.items()}
         value, values = aggregate(self.cfg, accs)
-        return FitnessResult(value, accs, per_sample, time.perf_counter() - start, values)
+        reused = sum(len(v) for v in done.values())
+        return FitnessResult(value, accs, per_sample, time.perf_counter() - start, values, reused)
 
     def _head(self, name: str, fraction: float) -> list[int]:
         order = self.order[name]

@@ -78,6 +78,7 @@ class _Flight:
     merge_seconds: float = 0.0
     score_seconds: float = 0.0
     samples: int = 0
+    hits: dict[str, list[bool]] | None = None  # per-sample results of the last fidelity scored
 
 
 class SearchLoop:
@@ -120,7 +121,8 @@ class SearchLoop:
 
     def _job(self, number: int, flight: _Flight) -> Job:
         seed = trial_seed(self.seed, flight.origin)
-        return Job(number, flight.recipe, seed=seed, fraction=self.fractions[flight.stage])
+        # a promoted trial scores only the samples beyond its last fidelity's
+        return Job(number, flight.recipe, seed=seed, fraction=self.fractions[flight.stage], prior=flight.hits)
 
     def _ask(self) -> None:
         trial = self.study.ask()
@@ -200,6 +202,7 @@ class SearchLoop:
                 self._finish(result.key, "PRUNED", result)
                 return
             flight.stage += 1
+            flight.hits = result.per_sample
             self.promote.append(result.key)
             return
         self._finish(result.key, "COMPLETE", result)

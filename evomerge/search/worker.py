@@ -49,6 +49,7 @@ class Job:
     fraction: float = 1.0
     split: str | None = None
     attempt: int = 0
+    prior: dict[str, list[bool]] | None = None  # per-sample results of this candidate's lower fidelity
 
 
 @dataclass
@@ -63,6 +64,7 @@ class JobResult:
     error: str | None = None
     fraction: float = 1.0
     split: str | None = None
+    per_sample: dict[str, list[bool]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -194,9 +196,12 @@ class MergeWorker:
                 self.merge(recipe, tensor_seed(job.seed, "trial"))
             merged = time.perf_counter()
             result.merge_seconds = merged - start
-            fit = self.evaluator(job.split).evaluate(self.model, self.tokenizer, fraction=job.fraction)
+            fit = self.evaluator(job.split).evaluate(
+                self.model, self.tokenizer, fraction=job.fraction, prior=job.prior
+            )
             result.score_seconds = time.perf_counter() - merged
             result.value, result.values, result.tasks, result.samples = fit.fitness, fit.values, fit.tasks, fit.samples
+            result.per_sample = fit.per_sample
             if any(v != v for v in [result.value, *result.values]):
                 result.error = "the fitness is NaN"
         except EvomergeError as err:

@@ -57,7 +57,8 @@ def test_pruning_scores_fewer_samples(tiny_cfg, tmp_path, pruner):
     loop, study, _ = _loop(cfg, tmp_path, trials=16, fractions=[0.25, 1.0])
     stats = loop.run()
     assert stats.finished == 16 and stats.pruned > 0
-    assert stats.samples_scored < 16 * 3 * 40 * 1.25
+    # a promoted trial scores only the samples beyond its first quarter
+    assert stats.samples_scored == stats.complete * 3 * 40 + stats.pruned * 3 * 10
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert all(t.intermediate_values for t in pruned)
 
@@ -112,3 +113,15 @@ def test_a_trial_killed_before_all_its_parameters_is_failed_not_retried(tiny_cfg
     assert len(trials) == 5 and all(prep.space.complete(t.params) for t in trials if t.number > partial.number)
     record = record_from_trial(trials[partial.number], prep.space)  # what the tracker logs for it
     assert record.state == "FAIL" and record.recipe == {} and "interrupted" in (record.error or "")
+
+
+def test_a_higher_fidelity_reuses_the_lower_ones_samples(tiny_cfg, tmp_path):
+    prep = prepare(tiny_cfg(fitness__samples=40), log=lambda _: None)
+    worker = MergeWorker(prep.spec)
+    recipe = prep.space.recipe(prep.space.default_params()).to_dict()
+    full = worker.run(Job(0, recipe, seed=0))
+    quarter = worker.run(Job(1, recipe, seed=0, fraction=0.25))
+    assert quarter.samples == 3 * 10 and all(len(v) == 10 for v in quarter.per_sample.values())
+    rest = worker.run(Job(1, recipe, seed=0, prior=quarter.per_sample))
+    assert rest.samples == 3 * 30  # only the samples beyond the quarter were scored
+    assert rest.per_sample == full.per_sample and rest.value == full.value and rest.tasks == full.tasks
