@@ -32,13 +32,13 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def _search(
-    prep, worker, seed: int, trials: int, fractions: list[float], pruner: str, stop_at: float | None, kind: str
+    prep, worker, seed: int, trials: int, fractions: list[float], pruner: str, stop_at: float | None, kind: str, rf=3
 ):
     """(samples scored, best) after every complete trial, until ``stop_at`` is reached."""
     dims = sum(len(d) for d in prep.space.dims.values())
     sampler = make_sampler(kind, seed, population=population_size(dims, 2), objectives=1)
     study = optuna.create_study(
-        direction="maximize", sampler=sampler, pruner=make_pruner(pruner, len(fractions) > 1, fractions)
+        direction="maximize", sampler=sampler, pruner=make_pruner(pruner, len(fractions) > 1, fractions, rf)
     )
     study.enqueue_trial(prep.space.default_params())
     curve: list[tuple[int, float]] = []
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.111,0.333,1")
     ap.add_argument("--pruner", default="successive_halving", choices=["successive_halving", "median"])
     ap.add_argument("--sampler", default="cmaes", choices=["cmaes", "tpe", "random"])
+    ap.add_argument("--reduction-factor", type=int, default=3)
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     prep = prepare(load_config(CONFIG), workers=1)
@@ -81,7 +82,15 @@ def main() -> None:
         full, _ = _search(prep, worker, seed, args.trials, [1.0], "median", None, args.sampler)
         target = full[-1][1]
         pruned, stats = _search(
-            prep, worker, seed, args.trials * args.factor, fractions, args.pruner, target, args.sampler
+            prep,
+            worker,
+            seed,
+            args.trials * args.factor,
+            fractions,
+            args.pruner,
+            target,
+            args.sampler,
+            args.reduction_factor,
         )
         n_full, n_pruned = _first(full, target), _first(pruned, target)
         runs.append(

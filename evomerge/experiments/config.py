@@ -91,6 +91,7 @@ class Pruning(BaseModel):
     enabled: bool = False
     fractions: list[float] = Field(default_factory=lambda: [0.25, 1.0])
     pruner: Literal["median", "successive_halving"] = "successive_halving"
+    reduction_factor: int = Field(3, ge=2)  # successive halving: the top 1/r goes on at each rung
 
     @field_validator("fractions")
     @classmethod

@@ -137,7 +137,7 @@ def open_study(cfg: ExperimentConfig, run: RunDir, prep: Prepared):
     pruning = cfg.search.pruning
     if pruning.enabled and objectives > 1:
         raise EvomergeError("search.pruning works with one objective; turn it off for Pareto search")
-    pruner = make_pruner(pruning.pruner, pruning.enabled, pruning.fractions)
+    pruner = make_pruner(pruning.pruner, pruning.enabled, pruning.fractions, pruning.reduction_factor)
     study = optuna.create_study(
         storage=run.storage,
         study_name=cfg.name,

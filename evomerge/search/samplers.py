@@ -38,15 +38,17 @@ def fidelity_step(fraction: float) -> int:
     return max(1, round(fraction * 1000))
 
 
-def make_pruner(kind: str, enabled: bool, fractions: list[float]):
+def make_pruner(kind: str, enabled: bool, fractions: list[float], reduction_factor: int = 3):
     """Median (Optuna's median stopping rule) or successive halving (Jamieson & Talwalkar
-    2016; ASHA, Li et al. 2020): at the first fraction and at 3x, 9x it, a trial goes on
-    only if it is in the top third of the trials scored there, so fractions such as
-    [1/9, 1/3, 1] give every cut a rung."""
+    2016; ASHA, Li et al. 2020): at the first fraction and at r, r^2 times it, a trial
+    goes on only if it is in the top 1/r of the trials scored there, so fractions such
+    as [1/9, 1/3, 1] (r = 3) give every cut a rung."""
     import optuna
 
     if not enabled:
         return optuna.pruners.NopPruner()
     if kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
-    return optuna.pruners.SuccessiveHalvingPruner(min_resource=fidelity_step(fractions[0]), reduction_factor=3)
+    return optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=fidelity_step(fractions[0]), reduction_factor=reduction_factor
+    )
