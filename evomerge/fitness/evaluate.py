@@ -232,6 +232,12 @@ class Evaluator:
         order = self.order[name]
         return order[: max(1, round(len(order) * fraction))]
 
+    def prepare(self, tokenizer) -> None:
+        """Encode every task's samples now (otherwise the first evaluation does it)."""
+        if self.backend == "native":
+            for name in self.items:
+                self._encode(name, tokenizer)
+
     def _encode(self, name: str, tokenizer):
         from evomerge.fitness.native import encode
 

@@ -20,6 +20,10 @@ def make_sampler(name: str, seed: int, *, population: int, objectives: int):
     if objectives > 1 and name not in ("nsgaii", "random", "tpe"):
         raise EvomergeError(f"search.sampler '{name}' is single-objective; use nsgaii for several objectives")
     if name == "cmaes":
+        # Optuna imports the cmaes package (and scipy.stats, 0.5 s here) at the first
+        # CMA-ES sample: pay it now, not in the driver mid-search while workers wait.
+        import cmaes  # noqa: F401
+
         return optuna.samplers.CmaEsSampler(
             seed=seed, popsize=population, n_startup_trials=1, warn_independent_sampling=False
         )

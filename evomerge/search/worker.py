@@ -181,7 +181,9 @@ class MergeWorker:
             self.params[pt.name].copy_(out)
 
     def ready(self) -> bool:
-        """Returns once the sources are resident (a Ray caller waits on it)."""
+        """Returns once the sources are resident and the search split's samples are read
+        and encoded (a Ray caller waits on it): the first trial costs what the others do."""
+        self.evaluator(None).prepare(self.tokenizer)
         return True
 
     def run(self, job: Job) -> JobResult:
