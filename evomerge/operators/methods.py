@@ -206,23 +206,14 @@ def _task_arithmetic_family(tensors: list[Tensor], base: Tensor, gen, p: dict, s
     if p["normalize"]:
         total_weight = _weight_sum(weight)
     weighted: list[Tensor] = []
-    total = torch.zeros_like(base)
+    total = torch.zeros_like(base, memory_format=torch.contiguous_format)
     for i, t in enumerate(tensors):
         tau = sparsifier(_minus(t, base), i, p, gen)
         tau.mul_(weight[i])
         total.add_(tau)
         weighted.append(tau)
     if consensus:
-        # elect: sign(sum_i w_i tau_i), zero counts as +; an entry is kept where w_i tau_i agrees
-        negative = total < 0
-        merged, divisor = total.zero_(), torch.zeros_like(base)
-        for w, tau in zip(weight, weighted):
-            agree = sparsify.agrees(tau, negative)
-            merged.add_(tau.mul_(agree))
-            divisor.add_(agree, alpha=w)
-        if p["normalize"]:
-            divisor[divisor.abs() < 1e-8] = 1.0
-            merged.div_(divisor)
+        merged = _elect_and_merge(total, weighted, weight, p["normalize"])
     else:
         merged = total
         if p["normalize"]:
@@ -230,6 +221,36 @@ def _task_arithmetic_family(tensors: list[Tensor], base: Tensor, gen, p: dict, s
     if p["lambda"] != 1.0:
         merged.mul_(p["lambda"])
     return merged.add_(base)
+
+
+CONSENSUS_CHUNK = 1 << 18  # elements per slice of the election: its temporaries stay in cache
+
+
+def _elect_and_merge(total: Tensor, weighted: list[Tensor], weight: Sequence[float], normalize: bool) -> Tensor:
+    """TIES elect and disjoint merge (Yadav et al. 2023, Sec. 3 steps 2-3), in ``total``.
+
+    Elect sign(sum_i w_i tau_i), zero counting as +; keep w_i tau_i where it agrees;
+    sum, and with ``normalize`` divide by the sum of the weights of the agreeing
+    entries. Every step is elementwise, so it runs slice by slice: the sign mask,
+    the agreement masks and the divisor exist for one slice at a time (less peak
+    memory, and they stay in cache), and the result is the same bit for bit.
+    """
+    out = total.view(-1)
+    flats = [tau.reshape(-1) for tau in weighted]
+    for start in range(0, out.numel(), CONSENSUS_CHUNK):
+        part = out[start : start + CONSENSUS_CHUNK]
+        negative = part < 0
+        part.zero_()
+        divisor = torch.zeros_like(part)
+        for w, flat in zip(weight, flats):
+            tau = flat[start : start + CONSENSUS_CHUNK]
+            agree = sparsify.agrees(tau, negative)
+            part.add_(tau.mul_(agree))
+            divisor.add_(agree, alpha=w)
+        if normalize:
+            divisor[divisor.abs() < 1e-8] = 1.0
+            part.div_(divisor)
+    return total
 
 
 def _register_family(

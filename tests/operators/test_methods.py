@@ -108,6 +108,21 @@ def test_ties_reference():
     close(run("ties", [A, B, C], BASE, weight=w, density=d), BASE + out)
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties"])
+def test_the_election_runs_slice_by_slice_with_the_same_bits(method, monkeypatch):
+    from evomerge.operators import methods
+
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(37, 29, generator=gen)
+    models = [base + 0.1 * torch.randn(37, 29, generator=gen) for _ in range(3)]
+    models.append((base.t() + 0.1 * torch.randn(29, 37, generator=gen)).t())  # a non-contiguous input
+    params = {"weight": [0.7, -0.4, 1.1, 0.5], "density": [0.5, 0.3, 0.8, 0.6]}
+    whole = run(method, models, base.t().contiguous().t(), seed=2, **params)  # non-contiguous base
+    monkeypatch.setattr(methods, "CONSENSUS_CHUNK", 100)  # 11 slices, the last one short
+    sliced = run(method, models, base.t().contiguous().t(), seed=2, **params)
+    assert torch.equal(whole, sliced)
+
+
 def test_dare_linear_density_one_is_task_arithmetic():
     close(run("dare_linear", [A, B], BASE, weight=[0.5, 0.5]), run("task_arithmetic", [A, B], BASE, weight=[0.5, 0.5]))
 
