@@ -183,7 +183,10 @@ class MergeWorker:
     def ready(self) -> bool:
         """Returns once the sources are resident and the search split's samples are read
         and encoded (a Ray caller waits on it): the first trial costs what the others do."""
-        self.evaluator(None).prepare(self.tokenizer)
+        try:
+            self.evaluator(None).prepare(self.tokenizer)
+        except EvomergeError:
+            pass  # a bad fitness definition is reported by each job, as a failed trial, as before
         return True
 
     def run(self, job: Job) -> JobResult:
