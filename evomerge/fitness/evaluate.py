@@ -203,8 +203,9 @@ class Evaluator:
         start = time.perf_counter()
         prior = prior or {}
         names = list(self.lm_tasks) if self.backend == "lm-eval" else list(self.items)
-        done = {n: list(prior.get(n, []))[: len(self._head(n, fraction))] for n in names}
-        todo: dict[str, Sequence[int]] = {n: self._head(n, fraction)[len(done[n]) :] for n in names}
+        heads = {n: self._head(n, fraction) for n in names}
+        done = {n: list(prior.get(n, []))[: len(heads[n])] for n in names}
+        todo: dict[str, Sequence[int]] = {n: heads[n][len(done[n]) :] for n in names}
         new: dict[str, list[bool]] = {}
         if self.backend == "lm-eval":
             from evomerge.fitness.lmeval import LmEvalScorer

@@ -69,7 +69,7 @@ def shared_prefix(batch: Encoded) -> int:
     return min(int(same.sum()), first_answer)
 
 
-def _prefix_cache(body, ids: torch.Tensor):
+def _prefix_cache(body, ids: torch.Tensor, keyword: str):
     """The KV cache of ``ids`` (one row), or None when the model keeps none.
 
     A layer stack turns its cache off (one layer may run twice and would clash in
@@ -78,7 +78,7 @@ def _prefix_cache(body, ids: torch.Tensor):
     if len(ids) == 0 or not getattr(body.config, "use_cache", True):
         return None
     out = body(input_ids=ids[None], use_cache=True)
-    cache = getattr(out, _cache_keyword(body))
+    cache = getattr(out, keyword)
     return cache if hasattr(cache, "batch_repeat_interleave") else None
 
 
@@ -100,8 +100,9 @@ def score(model, batch: Encoded, *, batch_size: int = 160) -> torch.Tensor:
     """
     device = next(model.parameters()).device
     body, head = model.get_decoder(), model.get_output_embeddings()
+    keyword = _cache_keyword(body)
     n_prefix = shared_prefix(batch)
-    prefix = _prefix_cache(body, batch.ids[0, :n_prefix].to(device))
+    prefix = _prefix_cache(body, batch.ids[0, :n_prefix].to(device), keyword)
     if prefix is None:
         n_prefix = 0
     lengths = batch.mask.sum(dim=1)
@@ -117,8 +118,7 @@ def score(model, batch: Encoded, *, batch_size: int = 160) -> torch.Tensor:
         else:
             cache = copy.deepcopy(prefix)
             cache.batch_repeat_interleave(len(rows))
-            kwargs = {_cache_keyword(body): cache}
-            hidden = body(input_ids=ids, use_cache=True, **kwargs).last_hidden_state
+            hidden = body(input_ids=ids, use_cache=True, **{keyword: cache}).last_hidden_state
         answer = target >= 0
         hit = torch.ones_like(target, dtype=torch.bool)
         hit[answer] = head(hidden[answer]).argmax(-1) == target[answer]

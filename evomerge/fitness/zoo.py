@@ -25,7 +25,7 @@ from evomerge.errors import EvomergeError
 from evomerge.fitness.data import read_jsonl, write_jsonl
 from evomerge.fitness.tasks import VOCAB, TrainSampler, held_out
 from evomerge.fitness.tokenizer import save_tokenizer
-from evomerge.fitness.train import Replay
+from evomerge.fitness.train import Replay, train
 
 SPLITS = ("search", "validation", "test")
 ZOO_VERSION = 2  # bump when the build code changes what it produces
@@ -255,8 +255,6 @@ def _build(out: Path, recipe: ZooRecipe, start: float, log: Callable[[str], None
 
 
 def _train(model, sampler: TrainSampler | Replay, mix, steps: int, lr: float, batch: int) -> float:
-    from evomerge.fitness.train import train
-
     return train(model, sampler, mix, steps=steps, lr=lr, batch=batch)
 
 

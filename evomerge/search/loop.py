@@ -213,11 +213,12 @@ class SearchLoop:
 
         start = time.monotonic()
         self.earlier = recover_interrupted(self.study, self.space)
-        for trial in self.study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]):
+        complete = self.study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
+        for trial in complete:
             r = record_from_trial(trial, self.space)  # a resumed run reuses what was scored
             if r.recipe and r.value is not None:
                 self._remember(r.number, r.recipe, JobResult(r.number, r.value, r.values, r.tasks))
-        self._warming_up = not self.study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
+        self._warming_up = not complete
         try:
             while True:
                 while self.dispatcher.idle() > 0 and self.promote:
@@ -240,12 +241,13 @@ def _recipe_key(recipe: dict[str, Any]) -> str | None:
     but the recipe: no random sparsifier, whose draw the trial seed sets), else None.
     Spaces with discrete decodings, such as layer stacks, map many points to one
     recipe; CMA-ES near its mean proposes the same stack again and again."""
+    from evomerge.errors import EvomergeError
     from evomerge.operators.registry import get_operator
 
     try:
         if get_operator(str(recipe.get("merge_method", "passthrough"))).random:
             return None
-    except Exception:  # an unknown method: the worker will report it
+    except EvomergeError:  # an unknown method: the worker will report it
         return None
     return json.dumps(recipe, sort_keys=True, default=str)
 
