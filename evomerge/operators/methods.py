@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import MergeError
-from evomerge.operators import sparsify
+from evomerge.operators import kernels, sparsify
 from evomerge.operators.registry import Operator, Param, add, register
 
 WEIGHT = Param("weight", 1.0, per_model=True, search=(0.0, 1.0), doc="mixing weight w_i")
@@ -200,11 +200,17 @@ def _task_arithmetic_family(tensors: list[Tensor], base: Tensor, gen, p: dict, s
 
     TIES (Yadav et al. 2023, Sec. 3): trim, elect sign, disjoint mean. DARE (Yu et al.
     2024): random drop and rescale. Without consensus it is task arithmetic (Ilharco et
-    al. 2023). Task vectors are made one at a time, in place, to bound memory.
+    al. 2023). On the CPU, trim-and-sum and TIES run as fused kernels (the same
+    bits); otherwise task vectors are made one at a time, in place, to bound memory.
     """
     weight = p["weight"]
     if p["normalize"]:
         total_weight = _weight_sum(weight)
+    if sparsifier in (_sparsify_none, _sparsify_magnitude) and kernels.supports(tensors, base):
+        density = p["density"] if sparsifier is _sparsify_magnitude else None
+        return kernels.task_arithmetic(
+            tensors, base, weight, density, consensus=consensus, normalize=p["normalize"], lam=p["lambda"]
+        )
     weighted: list[Tensor] = []
     total = torch.zeros_like(base, memory_format=torch.contiguous_format)
     for i, t in enumerate(tensors):

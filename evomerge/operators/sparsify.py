@@ -14,6 +14,8 @@ import sys
 import torch
 from torch import Tensor
 
+from evomerge.operators import kernels
+
 _HI = 1 << 15  # positive float32 magnitudes: the top 16 bits take values below 2**15
 _LO = 1 << 16
 _CHUNK = 1 << 22
@@ -68,6 +70,8 @@ def topk_mask(x: Tensor, k: int) -> Tensor:
         return torch.ones_like(x, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
+    if kernels.supports([x], None):
+        return kernels.topk_mask(x, k)
     if x.dtype in (torch.bfloat16, torch.float16):
         keys = _magnitude_bits16(x)
         threshold = _kth_largest_key16(keys, k)

@@ -1,0 +1,256 @@
+"""The numba kernels behind :mod:`evomerge.operators.kernels` (importing this module
+imports numba). Arrays are flat; a bfloat16 input arrives as its uint16 bits and
+``base`` may be None (top-k of |x| itself). Work is split into ``nblocks``
+contiguous ranges run in parallel; histograms are kept per block, then summed.
+
+All arithmetic is float32, one IEEE operation at a time (no fast-math, no fused
+multiply-add), in the order of the torch implementation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+# ruff: noqa: ANN001, ANN202
+
+SLICE = 1024  # elements per slice of the fused merge: its buffers stay in L1/L2
+
+
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bits_from_float(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+def _load(a, i):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_load, inline="always")
+def _load_impl(a, i):
+    """Element i of ``a`` as float32 (bfloat16 bits widen exactly: they are the top half)."""
+    if a.dtype == types.uint16:
+        return lambda a, i: _float_from_bits(np.uint32(np.uint32(a[i]) << np.uint32(16)))
+    return lambda a, i: np.float32(a[i])
+
+
+def _delta(x, base, i):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_delta, inline="always")
+def _delta_impl(x, base, i):
+    """x[i] - base[i] in float32 (x[i] without a base)."""
+    if isinstance(base, types.NoneType):
+        return lambda x, base, i: _load(x, i)
+    return lambda x, base, i: _load(x, i) - _load(base, i)
+
+
+@njit(inline="always")
+def _key(v):
+    """The magnitude bits of a float32: integer order is |v| order."""
+    return np.int64(_bits_from_float(v) & np.uint32(0x7FFFFFFF))
+
+
+@njit(inline="always")
+def _span(n, nblocks, b):
+    step = (n + nblocks - 1) // nblocks
+    return b * step, min(n, (b + 1) * step)
+
+
+@njit(parallel=True, cache=True)
+def hist_high(x, base, nblocks):
+    """Histogram of the high 16 bits of the magnitude keys of x - base."""
+    n = x.size
+    hist = np.zeros((nblocks, 1 << 15), np.int64)
+    for b in prange(nblocks):
+        lo, hi = _span(n, nblocks, b)
+        for i in range(lo, hi):
+            hist[b, _key(_delta(x, base, i)) >> 16] += 1
+    return hist.sum(axis=0)
+
+
+@njit(parallel=True, cache=True)
+def hist_low(x, base, bucket, nblocks):
+    """Histogram of the low 16 bits of the keys whose high 16 bits equal ``bucket``."""
+    n = x.size
+    hist = np.zeros((nblocks, 1 << 16), np.int64)
+    for b in prange(nblocks):
+        lo, hi = _span(n, nblocks, b)
+        for i in range(lo, hi):
+            key = _key(_delta(x, base, i))
+            if key >> 16 == bucket:
+                hist[b, key & 0xFFFF] += 1
+    return hist.sum(axis=0)
+
+
+@njit(parallel=True, cache=True)
+def tie_cutoff(x, base, key, keep, nblocks):
+    """One past the flat index of the ``keep``-th entry (keep >= 1) whose key equals ``key``."""
+    n = x.size
+    counts = np.zeros(nblocks, np.int64)
+    for b in prange(nblocks):
+        lo, hi = _span(n, nblocks, b)
+        c = 0
+        for i in range(lo, hi):
+            if _key(_delta(x, base, i)) == key:
+                c += 1
+        counts[b] = c
+    seen = 0
+    for b in range(nblocks):
+        if seen + counts[b] >= keep:
+            lo, hi = _span(n, nblocks, b)
+            for i in range(lo, hi):
+                if _key(_delta(x, base, i)) == key:
+                    seen += 1
+                    if seen == keep:
+                        return i + 1
+        seen += counts[b]
+    return n
+
+
+@njit(cache=True)
+def sample_keys(x, base, stride):
+    """The magnitude keys of every ``stride``-th entry of x - base."""
+    m = (x.size + stride - 1) // stride
+    out = np.empty(m, np.int64)
+    for q in range(m):
+        out[q] = _key(_delta(x, base, q * stride))
+    return out
+
+
+@njit(parallel=True, cache=True)
+def capture(x, base, lo_key, hi_key, cap, nblocks):
+    """One pass: per block, the number of keys above ``hi_key``, and the keys in
+    [lo_key, hi_key] with their flat indices, in index order (the first ``cap``;
+    ``counts`` tells how many there were)."""
+    n = x.size
+    above = np.zeros(nblocks, np.int64)
+    counts = np.zeros(nblocks, np.int64)
+    keys = np.empty((nblocks, cap), np.int32)
+    index = np.empty((nblocks, cap), np.int64)
+    for b in prange(nblocks):
+        lo, hi = _span(n, nblocks, b)
+        a = 0
+        c = 0
+        span = np.uint64(hi_key - lo_key)
+        for i in range(lo, hi):
+            k = _key(_delta(x, base, i))
+            a += np.int64(k > hi_key)  # branch-free: about half the keys lie above
+            if np.uint64(k - lo_key) <= span:  # lo_key <= k <= hi_key: rare, so predictable
+                if c < cap:
+                    keys[b, c] = k
+                    index[b, c] = i
+                c += 1
+        above[b] = a
+        counts[b] = c
+    return above, counts, keys, index
+
+
+@njit(cache=True)
+def kth_largest(keys, j):
+    """(T, greater, equal) for the j-th largest (1-based) of non-negative int keys, by
+    two radix passes of 16 bits over key - min(keys) (a 32-bit span at most)."""
+    low = keys.min()
+    top = np.zeros(1 << 16, np.int64)
+    for k in keys:
+        top[(np.int64(k) - low) >> 16] += 1
+    above = 0
+    digit = (1 << 16) - 1
+    while above + top[digit] < j:
+        above += top[digit]
+        digit -= 1
+    bottom = np.zeros(1 << 16, np.int64)
+    for k in keys:
+        d = np.int64(k) - low
+        if d >> 16 == digit:
+            bottom[d & 0xFFFF] += 1
+    rest = (1 << 16) - 1
+    while above + bottom[rest] < j:
+        above += bottom[rest]
+        rest -= 1
+    return low + ((digit << 16) | rest), above, bottom[rest]
+
+
+@njit(parallel=True, cache=True)
+def mask(x, key, cutoff, out, nblocks):
+    """out[i] = |x[i]| is among the top k described by (key, cutoff)."""
+    n = x.size
+    for b in prange(nblocks):
+        lo, hi = _span(n, nblocks, b)
+        for i in range(lo, hi):
+            k = _key(_load(x, i))
+            out[i] = k > key or (k == key and i < cutoff)
+
+
+@njit(parallel=True, cache=True)
+def merge(tensors, base, weight, keys, cutoffs, consensus, normalize, scale, lam, out, nblocks):
+    """theta_b + lam * merge_i(trim(tau_i) * w_i): see ``kernels.task_arithmetic``.
+
+    Each block runs in slices of SLICE elements, model by model (one tuple lookup per
+    model and slice; branch-free loops the compiler vectorises). Masks multiply as
+    0.0/1.0, as in the torch path, so even signed zeros agree."""
+    n = base.size
+    m = len(tensors)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    tiny = np.float32(1e-8)
+    for b in prange(nblocks):
+        lo, hi = _span(n, nblocks, b)
+        v = np.empty((m, SLICE), np.float32)
+        total = np.empty(SLICE, np.float32)
+        part = np.empty(SLICE, np.float32)
+        divisor = np.empty(SLICE, np.float32)
+        for s in range(lo, hi, SLICE):
+            w = min(hi - s, SLICE)
+            total[:w] = zero
+            for j in range(m):
+                x = tensors[j]
+                key, cutoff, wj = keys[j], cutoffs[j], weight[j]
+                vj = v[j]
+                for q in range(w):
+                    i = s + q
+                    tau = _load(x, i) - base[i]
+                    k = _key(tau)
+                    kept = np.float32((k > key) | ((k == key) & (i < cutoff)))
+                    tau = (tau * kept) * wj
+                    vj[q] = tau
+                    total[q] = total[q] + tau
+            if consensus:  # TIES elect: the sign of the sum, zero counting as +; disjoint mean
+                part[:w] = zero
+                divisor[:w] = zero
+                for j in range(m):
+                    vj = v[j]
+                    wj = weight[j]
+                    for q in range(w):
+                        t = vj[q]
+                        agree = np.float32((t != zero) & ((t < zero) == (total[q] < zero)))
+                        part[q] = part[q] + t * agree
+                        divisor[q] = divisor[q] + wj * agree
+                if normalize:
+                    for q in range(w):
+                        d = divisor[q]
+                        part[q] = part[q] / (one if abs(d) < tiny else d)
+            else:
+                part[:w] = total[:w]
+                if normalize:
+                    for q in range(w):
+                        part[q] = part[q] / scale
+            if lam != one:
+                for q in range(w):
+                    part[q] = part[q] * lam
+            for q in range(w):
+                out[s + q] = part[q] + base[s + q]

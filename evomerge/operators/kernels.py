@@ -1,0 +1,200 @@
+"""Fused CPU kernels (numba) for the hot loops of magnitude top-k and TIES.
+
+The torch implementation makes one full pass over memory per elementwise step
+(task vector, |x|, keys, mask, weight, election, agreement, divisor: a dozen
+float32 passes per model). These kernels read each input in its stored dtype
+(bfloat16 by its bits, or float32) and keep everything else in registers:
+
+* :func:`magnitude_threshold`: the exact k-th largest |x - base| by two radix
+  histograms over the IEEE-754 bit patterns (sign cleared, so integer order is
+  magnitude order), high 16 bits then low 16 bits of the one bucket that holds
+  the k-th; ties at the threshold are kept lowest flat index first.
+* :func:`task_arithmetic`: trim (by those thresholds), weight, and either sum
+  (task arithmetic, Ilharco et al. 2023) or elect and take the disjoint mean
+  (TIES, Yadav et al. 2023, Sec. 3), in one pass.
+
+Every float operation is the float32 operation of the torch path in the same
+order, so the results are the same bits (tested). The kernels compile on first
+use and are cached on disk; :func:`available` is false when numba is missing,
+and callers then use the torch path.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+MIN_NUMEL = 1 << 14  # below this the torch path is as fast (no parallel launch)
+MAX_MODELS = 32
+_SIGN = 0x7FFFFFFF
+
+
+@cache
+def available() -> bool:
+    try:
+        _kernels()
+    except ImportError:
+        return False
+    return True
+
+
+def supports(tensors: list[Tensor], base: Tensor | None) -> bool:
+    """True when the kernels take these inputs: CPU, bfloat16 or float32 sources of one
+    dtype, a float32 base (or none), one shape, enough elements to pay for a launch."""
+    first = tensors[0]
+    return (
+        first.device.type == "cpu"
+        and first.dtype in (torch.bfloat16, torch.float32)
+        and len(tensors) <= MAX_MODELS
+        and all(t.dtype == first.dtype and t.shape == first.shape and t.device == first.device for t in tensors)
+        and (base is None or (base.dtype == torch.float32 and base.shape == first.shape and base.device == first.device))
+        and first.numel() >= MIN_NUMEL
+        and available()
+    )
+
+
+def _array(t: Tensor) -> np.ndarray:
+    """A flat numpy view of ``t`` (bfloat16 as its uint16 bits)."""
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
+
+
+def _blocks(n: int) -> int:
+    import numba
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    return max(1, min(numba.get_num_threads() * 4, n // 4096))
+
+
+def magnitude_threshold(x: Tensor, base: Tensor | None, k: int) -> tuple[int, int]:
+    """``(key, cutoff)`` selecting the ``k`` largest |x - base| (|x| without a base):
+    entries whose magnitude bits exceed ``key``, and those equal to it at flat indices
+    below ``cutoff`` (ties: lowest index first, as :func:`sparsify.topk_mask`)."""
+    n = x.numel()
+    if k >= n:
+        return -1, n
+    if k <= 0:
+        return 1 << 31, 0
+    xs, bs = _array(x), (_array(base) if base is not None else None)
+    nb = _blocks(n)
+    found = _threshold_by_sample(xs, bs, k, nb)
+    return found if found is not None else _threshold_by_histograms(xs, bs, k, nb)
+
+
+SAMPLE = 1 << 14
+MARGIN_SD = 6.0
+
+
+def _threshold_by_sample(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int) -> tuple[int, int] | None:
+    """One pass: a strided sample brackets the k-th key to +-6 standard deviations of
+    its sample rank; the pass counts the keys above the bracket and captures those in
+    it, among which the k-th is selected exactly. None when the bracket missed."""
+    kern = _kernels()
+    n = xs.size
+    sample = np.sort(kern.sample_keys(xs, bs, max(1, n // SAMPLE)))
+    m = sample.size
+    p = k / n
+    rank = p * m  # the k-th largest sits about here in the sample, counted from the top
+    margin = MARGIN_SD * math.sqrt(m * p * (1 - p)) + 8
+    hi_rank, lo_rank = math.floor(rank - margin), math.ceil(rank + margin)
+    hi_key = int(sample[m - hi_rank]) if hi_rank >= 1 else 1 << 31
+    lo_key = int(sample[m - lo_rank]) if lo_rank <= m else 0
+    inside = int(np.count_nonzero((sample >= lo_key) & (sample <= hi_key)))
+    cap = min(-(-n // nb), int(n / nb * (2 * inside / m + 0.01)) + 64)
+    above, counts, keys, index = kern.capture(xs, bs, lo_key, hi_key, cap, nb)
+    if int(counts.max()) > cap:  # the sample was unlucky: capture again with room for all
+        above, counts, keys, index = kern.capture(xs, bs, lo_key, hi_key, int(counts.max()), nb)
+    j = k - int(above.sum())
+    if not 0 < j <= int(counts.sum()):
+        return None
+    captured = np.concatenate([keys[b, : counts[b]] for b in range(nb)])
+    key, greater, ties = (int(v) for v in kern.kth_largest(captured, j))
+    keep = j - greater
+    if keep >= ties:
+        return key, n
+    where = np.concatenate([index[b, : counts[b]][keys[b, : counts[b]] == key] for b in range(nb)])
+    return key, int(where[keep - 1]) + 1
+
+
+def _threshold_by_histograms(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int) -> tuple[int, int]:
+    """Two radix passes over all keys (high 16 bits, then the low 16 of one bucket),
+    and a third for the tie cutoff when some ties are dropped."""
+    kern = _kernels()
+    n = xs.size
+    from_top = np.cumsum(kern.hist_high(xs, bs, nb)[::-1])
+    pos = int(np.searchsorted(from_top, k))
+    bucket = (1 << 15) - 1 - pos
+    above = int(from_top[pos - 1]) if pos > 0 else 0
+    low_top = np.cumsum(kern.hist_low(xs, bs, bucket, nb)[::-1])
+    pos_lo = int(np.searchsorted(low_top, k - above))
+    key = (bucket << 16) | ((1 << 16) - 1 - pos_lo)
+    greater = above + (int(low_top[pos_lo - 1]) if pos_lo > 0 else 0)
+    ties = int(low_top[pos_lo]) - (int(low_top[pos_lo - 1]) if pos_lo > 0 else 0)
+    keep = k - greater
+    if keep >= ties:
+        return key, n
+    return key, int(kern.tie_cutoff(xs, bs, key, keep, nb))
+
+
+def topk_mask(x: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` entries of largest |x| (ties: lowest flat index first)."""
+    key, cutoff = magnitude_threshold(x, None, k)
+    out = np.empty(x.numel(), dtype=np.bool_)
+    _kernels().mask(_array(x), key, cutoff, out, _blocks(x.numel()))
+    return torch.from_numpy(out).view(x.shape)
+
+
+def task_arithmetic(
+    tensors: list[Tensor],
+    base: Tensor,
+    weight: list[float],
+    density: list[float] | None,
+    *,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+) -> Tensor:
+    """theta_b + lambda * merge_i(trim(tau_i, density_i) * w_i), in float32.
+
+    ``merge`` is the sum (divided by sum_i w_i when ``normalize``), or with
+    ``consensus`` TIES' sign election and disjoint mean (divided by the weights of
+    the agreeing entries when ``normalize``). ``density`` None keeps everything.
+    The caller checks that the weights do not sum to ~0 when normalising."""
+    n = base.numel()
+    keys, cutoffs = [], []
+    for i, t in enumerate(tensors):
+        d = 1.0 if density is None else density[i]
+        key, cutoff = (-1, n) if d >= 1.0 else magnitude_threshold(t, base, max(1, int(d * n)))
+        keys.append(key)
+        cutoffs.append(cutoff)
+    out = torch.empty(base.shape, dtype=torch.float32)
+    scale = math.fsum(weight) if normalize and not consensus else 1.0
+    _kernels().merge(
+        tuple(_array(t) for t in tensors),
+        _array(base),
+        np.asarray(weight, dtype=np.float32),
+        np.asarray(keys, dtype=np.int64),
+        np.asarray(cutoffs, dtype=np.int64),
+        consensus,
+        normalize,
+        np.float32(scale),
+        np.float32(lam),
+        out.view(-1).numpy(),
+        _blocks(n),
+    )
+    return out
+
+
+@cache
+def _kernels() -> Any:
+    """Compile (or load from the on-disk cache) the numba kernels; ImportError without numba."""
+    from evomerge.operators import _numba_kernels
+
+    return _numba_kernels
