@@ -185,6 +185,19 @@ def kth_largest(keys, j):
     return low + ((digit << 16) | rest), above, bottom[rest]
 
 
+@njit(cache=True)
+def tie_index(keys, index, counts, key, keep):
+    """The flat index of the ``keep``-th captured entry (in index order) equal to ``key``."""
+    seen = 0
+    for b in range(counts.size):
+        for c in range(counts[b]):
+            if keys[b, c] == key:
+                seen += 1
+                if seen == keep:
+                    return index[b, c]
+    return -1
+
+
 @njit(parallel=True, cache=True)
 def mask(x, key, cutoff, out, nblocks):
     """out[i] = |x[i]| is among the top k described by (key, cutoff)."""
@@ -223,7 +236,7 @@ def merge(tensors, base, weight, keys, cutoffs, consensus, normalize, scale, lam
                 vj = v[j]
                 for q in range(w):
                     i = s + q
-                    tau = _load(x, i) - base[i]
+                    tau = _load(x, i) - _load(base, i)
                     k = _key(tau)
                     kept = np.float32((k > key) | ((k == key) & (i < cutoff)))
                     tau = (tau * kept) * wj
@@ -253,4 +266,4 @@ def merge(tensors, base, weight, keys, cutoffs, consensus, normalize, scale, lam
                 for q in range(w):
                     part[q] = part[q] * lam
             for q in range(w):
-                out[s + q] = part[q] + base[s + q]
+                out[s + q] = part[q] + _load(base, s + q)

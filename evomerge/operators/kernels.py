@@ -31,7 +31,7 @@ from torch import Tensor
 
 MIN_NUMEL = 1 << 14  # below this the torch path is as fast (no parallel launch)
 MAX_MODELS = 32
-_SIGN = 0x7FFFFFFF
+_DTYPES = (torch.bfloat16, torch.float32)
 
 
 @cache
@@ -45,14 +45,14 @@ def available() -> bool:
 
 def supports(tensors: list[Tensor], base: Tensor | None) -> bool:
     """True when the kernels take these inputs: CPU, bfloat16 or float32 sources of one
-    dtype, a float32 base (or none), one shape, enough elements to pay for a launch."""
+    dtype, a bfloat16 or float32 base (or none), one shape, enough elements to pay for a launch."""
     first = tensors[0]
     return (
         first.device.type == "cpu"
-        and first.dtype in (torch.bfloat16, torch.float32)
+        and first.dtype in _DTYPES
         and len(tensors) <= MAX_MODELS
         and all(t.dtype == first.dtype and t.shape == first.shape and t.device == first.device for t in tensors)
-        and (base is None or (base.dtype == torch.float32 and base.shape == first.shape and base.device == first.device))
+        and (base is None or (base.dtype in _DTYPES and base.shape == first.shape and base.device == first.device))
         and first.numel() >= MIN_NUMEL
         and available()
     )
@@ -88,25 +88,27 @@ def magnitude_threshold(x: Tensor, base: Tensor | None, k: int) -> tuple[int, in
     return found if found is not None else _threshold_by_histograms(xs, bs, k, nb)
 
 
-SAMPLE = 1 << 14
-MARGIN_SD = 6.0
+SAMPLE_MIN, SAMPLE_MAX = 1 << 12, 1 << 16  # sample size: n / 128 within these bounds
+MARGIN_SD = 5.0
 
 
 def _threshold_by_sample(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int) -> tuple[int, int] | None:
-    """One pass: a strided sample brackets the k-th key to +-6 standard deviations of
+    """One pass: a strided sample brackets the k-th key to +-5 standard deviations of
     its sample rank; the pass counts the keys above the bracket and captures those in
     it, among which the k-th is selected exactly. None when the bracket missed."""
     kern = _kernels()
     n = xs.size
-    sample = np.sort(kern.sample_keys(xs, bs, max(1, n // SAMPLE)))
+    sample = kern.sample_keys(xs, bs, max(1, n // min(SAMPLE_MAX, max(SAMPLE_MIN, n // 128))))
     m = sample.size
     p = k / n
     rank = p * m  # the k-th largest sits about here in the sample, counted from the top
     margin = MARGIN_SD * math.sqrt(m * p * (1 - p)) + 8
     hi_rank, lo_rank = math.floor(rank - margin), math.ceil(rank + margin)
+    ranks = [m - r for r in (hi_rank, lo_rank) if 1 <= r <= m]
+    sample = np.partition(sample, ranks) if ranks else sample
     hi_key = int(sample[m - hi_rank]) if hi_rank >= 1 else 1 << 31
     lo_key = int(sample[m - lo_rank]) if lo_rank <= m else 0
-    inside = int(np.count_nonzero((sample >= lo_key) & (sample <= hi_key)))
+    inside = min(lo_rank, m) - max(hi_rank, 0)
     cap = min(-(-n // nb), int(n / nb * (2 * inside / m + 0.01)) + 64)
     above, counts, keys, index = kern.capture(xs, bs, lo_key, hi_key, cap, nb)
     if int(counts.max()) > cap:  # the sample was unlucky: capture again with room for all
@@ -119,8 +121,7 @@ def _threshold_by_sample(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int)
     keep = j - greater
     if keep >= ties:
         return key, n
-    where = np.concatenate([index[b, : counts[b]][keys[b, : counts[b]] == key] for b in range(nb)])
-    return key, int(where[keep - 1]) + 1
+    return key, int(kern.tie_index(keys, index, counts, key, keep)) + 1
 
 
 def _threshold_by_histograms(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int) -> tuple[int, int]:

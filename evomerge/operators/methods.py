@@ -41,13 +41,32 @@ def _weight_sum(weight: Sequence[float]) -> float:
 
 @register("linear", params=(WEIGHT, _normalize_flag("normalize", True)), min_models=1, mixed_precision=True)
 def linear(tensors: list[Tensor], base: Tensor | None, gen, *, weight, normalize=True) -> Tensor:
-    """Weighted average: sum_i w_i theta_i, divided by sum_i w_i when ``normalize``."""
-    out = torch.zeros_like(tensors[0], dtype=torch.promote_types(tensors[0].dtype, torch.float32))
-    for w, t in zip(weight, tensors):
-        out.add_(t, alpha=w)
-    if normalize:
-        out.div_(_weight_sum(weight))
+    """Weighted average: sum_i w_i theta_i, divided by sum_i w_i when ``normalize``.
+
+    On the CPU it runs slice by slice (LINEAR_CHUNK elements): each input slice is
+    widened into a cached float32 buffer and added there, about twice as fast as
+    adding 16-bit tensors into float32 directly, with the same bits."""
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    total = _weight_sum(weight) if normalize else 1.0
+    out = torch.empty_like(tensors[0], dtype=dtype, memory_format=torch.contiguous_format)
+    flat = out.view(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    step = LINEAR_CHUNK if out.device.type == "cpu" else max(1, flat.numel())
+    buf = torch.empty(min(step, flat.numel()), dtype=dtype, device=out.device)
+    for start in range(0, flat.numel(), step):
+        part = flat[start : start + step]
+        part.zero_()
+        for w, t in zip(weight, flats):
+            piece = t[start : start + step]
+            if piece.dtype != dtype:
+                piece = buf[: part.numel()].copy_(piece)
+            part.add_(piece, alpha=w)
+        if normalize:
+            part.div_(total)
     return out
+
+
+LINEAR_CHUNK = 1 << 17  # elements per slice of the CPU linear merge (its buffers stay in cache)
 
 
 def _slerp_vectors(t: float, v0: Tensor, v1: Tensor, threshold: float, eps: float = 1e-8) -> Tensor:
@@ -211,6 +230,7 @@ def _task_arithmetic_family(tensors: list[Tensor], base: Tensor, gen, p: dict, s
         return kernels.task_arithmetic(
             tensors, base, weight, density, consensus=consensus, normalize=p["normalize"], lam=p["lambda"]
         )
+    base = base.to(torch.float32)
     weighted: list[Tensor] = []
     total = torch.zeros_like(base, memory_format=torch.contiguous_format)
     for i, t in enumerate(tensors):
