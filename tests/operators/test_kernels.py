@@ -1,0 +1,89 @@
+"""The numba kernels give the same bits as the torch path they replace on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evomerge.operators import kernels, sparsify
+from evomerge.operators.registry import get_operator
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Run the operators as if the kernels did not apply."""
+
+    def run(fn, *args, **kw):
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "supports", lambda *a: False)
+            return fn(*args, **kw)
+
+    return run
+
+
+def test_numba_is_installed_and_the_kernels_compile():
+    assert kernels.available()
+
+
+def _inputs(seed: int, n_models: int, shape=(300, 257), dtype=torch.bfloat16, ties: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g) * 0.02
+    fts = [base + torch.randn(shape, generator=g) * 0.002 for _ in range(n_models)]
+    if ties:  # few distinct task-vector values: many entries tie at any threshold
+        fts = [base + (t - base).mul(2000).round().div(2000) for t in fts]
+    return [t.to(dtype) for t in fts], base.to(dtype)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("ties", [False, True])
+def test_topk_threshold_matches_the_torch_mask(seed, ties, torch_path):
+    (x,), _ = _inputs(seed, 1, dtype=torch.float32, ties=ties)
+    n = x.numel()
+    for k in (1, 2, 37, n // 10, n // 2, n - 1):
+        want = torch_path(sparsify.topk_mask, x, k)
+        got = kernels.topk_mask(x, k)
+        assert torch.equal(got, want), k
+        xs = kernels._array(x)
+        nb = kernels._blocks(n)
+        by_hist = kernels._threshold_by_histograms(xs, None, k, nb)
+        by_sample = kernels._threshold_by_sample(xs, None, k, nb)
+        assert by_sample in (None, by_hist)
+
+
+def test_a_missed_sample_bracket_falls_back_to_the_histograms(monkeypatch, torch_path):
+    (x,), _ = _inputs(5, 1, dtype=torch.float32, ties=True)
+    monkeypatch.setattr(kernels, "MARGIN_SD", 0.0)  # a bracket of +-8 sample ranks: often missed
+    misses = 0
+    for k in range(1000, x.numel(), 7919):
+        xs = kernels._array(x)
+        misses += kernels._threshold_by_sample(xs, None, k, kernels._blocks(x.numel())) is None
+        assert torch.equal(kernels.topk_mask(x, k), torch_path(sparsify.topk_mask, x, k))
+    assert misses > 0
+
+
+def test_all_zero_task_vectors_keep_the_first_k():
+    x = torch.zeros(40_000)
+    mask = kernels.topk_mask(x, 123)
+    assert int(mask.sum()) == 123 and bool(mask[:123].all())
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_models", [1, 2, 4])
+def test_fused_merge_equals_the_torch_path(method, dtype, base_dtype, n_models, torch_path):
+    tensors, base = _inputs(n_models, n_models, dtype=dtype, ties=n_models == 2)
+    base = base.to(base_dtype)
+    weight = [0.7, -0.3, 0.45, 0.2][:n_models]
+    for normalize, lam, density in ((True, 1.0, [0.5, 0.3, 0.9, 1.0]), (False, 0.8, [1.0, 0.25, 0.6, 0.05])):
+        p = {"weight": weight, "normalize": normalize, "lambda": lam, "int8_mask": False}
+        if method == "ties":
+            p["density"] = density[:n_models]
+        if normalize and abs(sum(weight)) < 1e-8:
+            continue
+        fn = get_operator(method).fn
+        assert kernels.supports(tensors, base)
+        got = fn(tensors, base, None, **p)
+        want = torch_path(fn, tensors, base, None, **p)
+        assert got.dtype == want.dtype == torch.float32
+        assert torch.equal(got, want), (normalize, lam)
