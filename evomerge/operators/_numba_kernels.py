@@ -136,25 +136,27 @@ def sample_keys(x, base, stride):
 def capture(x, base, lo_key, hi_key, cap, nblocks):
     """One pass: per block, the number of keys above ``hi_key``, and the keys in
     [lo_key, hi_key] with their flat indices, in index order (the first ``cap``;
-    ``counts`` tells how many there were)."""
+    ``counts`` tells how many there were). Branch-free: every key is written at the
+    cursor, which moves on only for keys in the bracket."""
     n = x.size
     above = np.zeros(nblocks, np.int64)
     counts = np.zeros(nblocks, np.int64)
-    keys = np.empty((nblocks, cap), np.int32)
-    index = np.empty((nblocks, cap), np.int64)
+    keys = np.empty((nblocks, cap + 1), np.int32)
+    index = np.empty((nblocks, cap + 1), np.int64)
+    span = np.uint64(hi_key - lo_key)
     for b in prange(nblocks):
         lo, hi = _span(n, nblocks, b)
+        kb = keys[b]
+        ib = index[b]
         a = 0
         c = 0
-        span = np.uint64(hi_key - lo_key)
         for i in range(lo, hi):
             k = _key(_delta(x, base, i))
-            a += np.int64(k > hi_key)  # branch-free: about half the keys lie above
-            if np.uint64(k - lo_key) <= span:  # lo_key <= k <= hi_key: rare, so predictable
-                if c < cap:
-                    keys[b, c] = k
-                    index[b, c] = i
-                c += 1
+            a += np.int64(k > hi_key)
+            at = min(c, cap)
+            kb[at] = k
+            ib[at] = i
+            c += np.int64(np.uint64(k - lo_key) <= span)  # lo_key <= k <= hi_key
         above[b] = a
         counts[b] = c
     return above, counts, keys, index

@@ -69,7 +69,7 @@ def _array(t: Tensor) -> np.ndarray:
 def _blocks(n: int) -> int:
     import numba
 
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
     return max(1, min(numba.get_num_threads() * 4, n // 4096))
 
 
