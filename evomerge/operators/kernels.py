@@ -5,10 +5,12 @@ The torch implementation makes one full pass over memory per elementwise step
 float32 passes per model). These kernels read each input in its stored dtype
 (bfloat16 by its bits, or float32) and keep everything else in registers:
 
-* :func:`magnitude_threshold`: the exact k-th largest |x - base| by two radix
-  histograms over the IEEE-754 bit patterns (sign cleared, so integer order is
-  magnitude order), high 16 bits then low 16 bits of the one bucket that holds
-  the k-th; ties at the threshold are kept lowest flat index first.
+* :func:`magnitude_threshold`: the exact k-th largest |x - base| over the IEEE-754
+  bit patterns (sign cleared, so integer order is magnitude order). A strided
+  sample brackets it; one pass counts the keys above the bracket and captures
+  those inside, among which a radix selection finds it. When the bracket misses
+  (rare), two radix histograms over all keys do. Ties at the threshold are kept
+  lowest flat index first.
 * :func:`task_arithmetic`: trim (by those thresholds), weight, and either sum
   (task arithmetic, Ilharco et al. 2023) or elect and take the disjoint mean
   (TIES, Yadav et al. 2023, Sec. 3), in one pass.
