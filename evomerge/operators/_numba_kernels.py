@@ -143,7 +143,9 @@ def capture(x, base, lo_key, hi_key, cap, nblocks):
     counts = np.zeros(nblocks, np.int64)
     keys = np.empty((nblocks, cap + 1), np.int32)
     index = np.empty((nblocks, cap + 1), np.int64)
-    span = np.uint64(hi_key - lo_key)
+    low = np.uint32(lo_key)
+    top = np.uint32(hi_key)
+    span = np.uint32(hi_key - lo_key)
     for b in prange(nblocks):
         lo, hi = _span(n, nblocks, b)
         kb = keys[b]
@@ -151,12 +153,12 @@ def capture(x, base, lo_key, hi_key, cap, nblocks):
         a = 0
         c = 0
         for i in range(lo, hi):
-            k = _key(_delta(x, base, i))
-            a += np.int64(k > hi_key)
+            k = _bits_from_float(_delta(x, base, i)) & np.uint32(0x7FFFFFFF)
+            a += np.int64(k > top)
             at = min(c, cap)
-            kb[at] = k
+            kb[at] = np.int32(k)
             ib[at] = i
-            c += np.int64(np.uint64(k - lo_key) <= span)  # lo_key <= k <= hi_key
+            c += np.int64(np.uint32(k - low) <= span)  # lo_key <= k <= hi_key
         above[b] = a
         counts[b] = c
     return above, counts, keys, index
@@ -216,8 +218,10 @@ def merge(tensors, base, weight, keys, cutoffs, consensus, normalize, scale, lam
     """theta_b + lam * merge_i(trim(tau_i) * w_i): see ``kernels.task_arithmetic``.
 
     Each block runs in slices of SLICE elements, model by model (one tuple lookup per
-    model and slice; branch-free loops the compiler vectorises). Masks multiply as
-    0.0/1.0, as in the torch path, so even signed zeros agree."""
+    model and slice, the base widened once per slice; branch-free loops the compiler
+    vectorises). Dropped entries become tau * 0.0, as the torch path's multiply by a
+    false mask gives, so even signed zeros agree. Keys are uint32 here: see
+    ``kernels.magnitude_threshold`` for the (key, cutoff) contract."""
     n = base.size
     m = len(tensors)
     zero = np.float32(0.0)
@@ -226,22 +230,25 @@ def merge(tensors, base, weight, keys, cutoffs, consensus, normalize, scale, lam
     for b in prange(nblocks):
         lo, hi = _span(n, nblocks, b)
         v = np.empty((m, SLICE), np.float32)
+        bb = np.empty(SLICE, np.float32)
         total = np.empty(SLICE, np.float32)
         part = np.empty(SLICE, np.float32)
         divisor = np.empty(SLICE, np.float32)
         for s in range(lo, hi, SLICE):
             w = min(hi - s, SLICE)
-            total[:w] = zero
+            for q in range(w):
+                bb[q] = _load(base, s + q)
+                total[q] = zero
             for j in range(m):
                 x = tensors[j]
-                key, cutoff, wj = keys[j], cutoffs[j], weight[j]
+                key, wj = np.uint32(keys[j]), weight[j]
+                before = cutoffs[j] - s  # tied keys are kept at slice positions below this
                 vj = v[j]
                 for q in range(w):
-                    i = s + q
-                    tau = _load(x, i) - _load(base, i)
-                    k = _key(tau)
-                    kept = np.float32((k > key) | ((k == key) & (i < cutoff)))
-                    tau = (tau * kept) * wj
+                    tau = _load(x, s + q) - bb[q]
+                    k = _bits_from_float(tau) & np.uint32(0x7FFFFFFF)
+                    kept = (k > key) | ((k == key) & (q < before))
+                    tau = (tau if kept else tau * zero) * wj  # tau * 0.0 as the torch mask gives
                     vj[q] = tau
                     total[q] = total[q] + tau
             if consensus:  # TIES elect: the sign of the sum, zero counting as +; disjoint mean
@@ -268,4 +275,4 @@ def merge(tensors, base, weight, keys, cutoffs, consensus, normalize, scale, lam
                 for q in range(w):
                     part[q] = part[q] * lam
             for q in range(w):
-                out[s + q] = part[q] + _load(base, s + q)
+                out[s + q] = part[q] + bb[q]

@@ -78,18 +78,21 @@ def _blocks(n: int) -> int:
 def magnitude_threshold(x: Tensor, base: Tensor | None, k: int) -> tuple[int, int]:
     """``(key, cutoff)`` selecting the ``k`` largest |x - base| (|x| without a base):
     entries whose magnitude bits exceed ``key``, and those equal to it at flat indices
-    below ``cutoff`` (ties: lowest index first, as :func:`sparsify.topk_mask`)."""
+    below ``cutoff`` (ties: lowest index first, as :func:`sparsify.topk_mask`). Keys
+    fit in uint32: everything is ``(0, n)``, nothing is ``KEEP_NONE``."""
     n = x.numel()
     if k >= n:
-        return -1, n
+        return KEEP_ALL
     if k <= 0:
-        return 1 << 31, 0
+        return KEEP_NONE
     xs, bs = _array(x), (_array(base) if base is not None else None)
     nb = _blocks(n)
     found = _threshold_by_sample(xs, bs, k, nb)
     return found if found is not None else _threshold_by_histograms(xs, bs, k, nb)
 
 
+KEEP_ALL = (0, 1 << 62)  # key 0 with every index below the cutoff: all entries
+KEEP_NONE = (0x7FFFFFFF, 0)  # no key exceeds the largest, and no index is below 0
 SAMPLE_MIN, SAMPLE_MAX = 1 << 12, 1 << 16  # sample size: n / 128 within these bounds
 MARGIN_SD = 5.0
 
@@ -108,7 +111,7 @@ def _threshold_by_sample(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int)
     hi_rank, lo_rank = math.floor(rank - margin), math.ceil(rank + margin)
     ranks = [m - r for r in (hi_rank, lo_rank) if 1 <= r <= m]
     sample = np.partition(sample, ranks) if ranks else sample
-    hi_key = int(sample[m - hi_rank]) if hi_rank >= 1 else 1 << 31
+    hi_key = int(sample[m - hi_rank]) if hi_rank >= 1 else 0x7FFFFFFF
     lo_key = int(sample[m - lo_rank]) if lo_rank <= m else 0
     inside = min(lo_rank, m) - max(hi_rank, 0)
     cap = min(-(-n // nb), int(n / nb * (2 * inside / m + 0.01)) + 64)
@@ -174,7 +177,7 @@ def task_arithmetic(
     keys, cutoffs = [], []
     for i, t in enumerate(tensors):
         d = 1.0 if density is None else density[i]
-        key, cutoff = (-1, n) if d >= 1.0 else magnitude_threshold(t, base, max(1, int(d * n)))
+        key, cutoff = KEEP_ALL if d >= 1.0 else magnitude_threshold(t, base, max(1, int(d * n)))
         keys.append(key)
         cutoffs.append(cutoff)
     out = torch.empty(base.shape, dtype=torch.float32)
