@@ -47,6 +47,30 @@ def _load_impl(a, i):
     return lambda a, i: np.float32(a[i])
 
 
+def _store(a, i, v):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_store, inline="always")
+def _store_impl(a, i, v):
+    """a[i] = v; into bfloat16 bits by round to nearest even, as torch casts (NaN kept NaN)."""
+    if a.dtype == types.uint16:
+
+        def impl(a, i, v):
+            u = _bits_from_float(v)
+            if v != v:
+                a[i] = np.uint16(0x7FC0)
+            else:
+                a[i] = np.uint16((u + (((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF))) >> np.uint32(16))
+
+        return impl
+
+    def plain(a, i, v):
+        a[i] = v
+
+    return plain
+
+
 def _delta(x, base, i):  # pragma: no cover - replaced by the overload below
     raise NotImplementedError
 
@@ -275,4 +299,11 @@ def merge(tensors, base, weight, keys, cutoffs, consensus, normalize, scale, lam
                 for q in range(w):
                     part[q] = part[q] * lam
             for q in range(w):
-                out[s + q] = part[q] + bb[q]
+                _store(out, s + q, part[q] + bb[q])
+
+
+@njit(cache=True)
+def store_all(values, out):
+    """out[i] = values[i] through ``_store`` (tests the cast to bfloat16 bits)."""
+    for i in range(values.size):
+        _store(out, i, np.float32(values[i]))

@@ -88,19 +88,23 @@ def load_inputs(
 def merge_planned(pt: PlannedTensor, plan: MergePlan, inputs, device: torch.device, seed: int) -> Tensor:
     """Merge one planned tensor from its loaded inputs; the result is checked finite."""
     tensors, base = inputs
-    if not plan.operator.mixed_precision:  # mixed-precision operators widen inputs themselves
+    extra = {}
+    if plan.operator.mixed_precision:  # widens its inputs itself, may return pt.dtype directly
+        extra["out_dtype"] = pt.dtype
+    else:
         tensors = [t.to(torch.float32) for t in tensors]
         base = base.to(torch.float32) if base is not None else None
     gen = None
     if plan.operator.random:
         gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, pt.name))
     try:
-        out = plan.operator.fn(tensors, base, gen, **pt.params)
+        out = plan.operator.fn(tensors, base, gen, **pt.params, **extra)
     except MergeError as err:
         raise MergeError(f"tensor '{pt.name}': {err}") from None
+    out = out.to(pt.dtype)  # checked after the cast: a value beyond the dtype's range is Inf there
     if not all_finite(out):
         raise MergeError(f"tensor '{pt.name}': the merge produced NaN or Inf")
-    return out.to(pt.dtype)
+    return out
 
 
 def resolve_model_path(name: str, recipe_dir: Path | None = None) -> Path:

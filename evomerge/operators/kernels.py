@@ -166,13 +166,16 @@ def task_arithmetic(
     consensus: bool,
     normalize: bool,
     lam: float,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """theta_b + lambda * merge_i(trim(tau_i, density_i) * w_i), in float32.
 
     ``merge`` is the sum (divided by sum_i w_i when ``normalize``), or with
     ``consensus`` TIES' sign election and disjoint mean (divided by the weights of
     the agreeing entries when ``normalize``). ``density`` None keeps everything.
-    The caller checks that the weights do not sum to ~0 when normalising."""
+    The caller checks that the weights do not sum to ~0 when normalising. The result
+    is bfloat16 when ``out_dtype`` asks for it (rounded to nearest even, as torch's
+    cast), float32 otherwise."""
     n = base.numel()
     keys, cutoffs = [], []
     for i, t in enumerate(tensors):
@@ -180,7 +183,7 @@ def task_arithmetic(
         key, cutoff = KEEP_ALL if d >= 1.0 else magnitude_threshold(t, base, max(1, int(d * n)))
         keys.append(key)
         cutoffs.append(cutoff)
-    out = torch.empty(base.shape, dtype=torch.float32)
+    out = torch.empty(base.shape, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
     scale = math.fsum(weight) if normalize and not consensus else 1.0
     _kernels().merge(
         tuple(_array(t) for t in tensors),
@@ -192,7 +195,7 @@ def task_arithmetic(
         normalize,
         np.float32(scale),
         np.float32(lam),
-        out.view(-1).numpy(),
+        _array(out),
         _blocks(n),
     )
     return out

@@ -40,29 +40,36 @@ def _weight_sum(weight: Sequence[float]) -> float:
 
 
 @register("linear", params=(WEIGHT, _normalize_flag("normalize", True)), min_models=1, mixed_precision=True)
-def linear(tensors: list[Tensor], base: Tensor | None, gen, *, weight, normalize=True) -> Tensor:
-    """Weighted average: sum_i w_i theta_i, divided by sum_i w_i when ``normalize``.
+def linear(tensors: list[Tensor], base: Tensor | None, gen, *, weight, normalize=True, out_dtype=None) -> Tensor:
+    """Weighted average: sum_i w_i theta_i, divided by sum_i w_i when ``normalize``;
+    computed in float32 (or wider), returned in ``out_dtype`` when given.
 
     On the CPU it runs slice by slice (LINEAR_CHUNK elements): each input slice is
     widened into a cached float32 buffer and added there, about twice as fast as
-    adding 16-bit tensors into float32 directly, with the same bits."""
+    adding 16-bit tensors into float32 directly, with the same bits; each finished
+    slice is cast into the output at once."""
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
     total = _weight_sum(weight) if normalize else 1.0
-    out = torch.empty_like(tensors[0], dtype=dtype, memory_format=torch.contiguous_format)
+    out = torch.empty(tensors[0].shape, dtype=out_dtype or dtype, device=tensors[0].device)
     flat = out.view(-1)
     flats = [t.reshape(-1) for t in tensors]
     step = LINEAR_CHUNK if out.device.type == "cpu" else max(1, flat.numel())
-    buf = torch.empty(min(step, flat.numel()), dtype=dtype, device=out.device)
+    size = min(step, flat.numel())
+    widen = torch.empty(size, dtype=dtype, device=out.device)
+    acc = None if out.dtype == dtype else torch.empty(size, dtype=dtype, device=out.device)
     for start in range(0, flat.numel(), step):
-        part = flat[start : start + step]
+        dst = flat[start : start + step]
+        part = dst if acc is None else acc[: dst.numel()]
         part.zero_()
         for w, t in zip(weight, flats):
             piece = t[start : start + step]
             if piece.dtype != dtype:
-                piece = buf[: part.numel()].copy_(piece)
+                piece = widen[: part.numel()].copy_(piece)
             part.add_(piece, alpha=w)
         if normalize:
             part.div_(total)
+        if acc is not None:
+            dst.copy_(part)
     return out
 
 
@@ -214,7 +221,9 @@ def _minus(t: Tensor, base: Tensor) -> Tensor:
     return t.to(base.dtype).sub_(base) if t.dtype != base.dtype else torch.sub(t, base)
 
 
-def _task_arithmetic_family(tensors: list[Tensor], base: Tensor, gen, p: dict, sparsifier: Sparsifier, consensus: bool):
+def _task_arithmetic_family(
+    tensors: list[Tensor], base: Tensor, gen, p: dict, sparsifier: Sparsifier, consensus: bool, out_dtype=None
+) -> Tensor:
     """Generalised task arithmetic: theta_b + lambda * merge_i(sparsify(tau_i) * w_i).
 
     TIES (Yadav et al. 2023, Sec. 3): trim, elect sign, disjoint mean. DARE (Yu et al.
@@ -228,7 +237,14 @@ def _task_arithmetic_family(tensors: list[Tensor], base: Tensor, gen, p: dict, s
     if sparsifier in (_sparsify_none, _sparsify_magnitude) and kernels.supports(tensors, base):
         density = p["density"] if sparsifier is _sparsify_magnitude else None
         return kernels.task_arithmetic(
-            tensors, base, weight, density, consensus=consensus, normalize=p["normalize"], lam=p["lambda"]
+            tensors,
+            base,
+            weight,
+            density,
+            consensus=consensus,
+            normalize=p["normalize"],
+            lam=p["lambda"],
+            out_dtype=out_dtype,
         )
     base = base.to(torch.float32)
     weighted: list[Tensor] = []
@@ -288,10 +304,10 @@ def _register_family(
     if sparsifier not in (_sparsify_none, _sparsify_magnitude):
         params = (*params, Param("rescale", rescale, kind=bool, doc="keep the L1 norm of tau_i"))
 
-    def fn(tensors: list[Tensor], base: Tensor | None, gen, **p) -> Tensor:
+    def fn(tensors: list[Tensor], base: Tensor | None, gen, out_dtype=None, **p) -> Tensor:
         assert base is not None
         p.setdefault("rescale", False)
-        return _task_arithmetic_family(tensors, base, gen, p, sparsifier, consensus)
+        return _task_arithmetic_family(tensors, base, gen, p, sparsifier, consensus, out_dtype)
 
     doc = f"{name}: {_task_arithmetic_family.__doc__}"
     random = sparsifier in _RANDOM

@@ -93,8 +93,10 @@ class Operator:
     max_models: int | None = None
     random: bool = False
     doc: str = ""
-    # True when ``fn`` accepts merged tensors in any float dtype and computes in the
-    # base's dtype (float32), so the engine need not make float32 copies of them.
+    # True when ``fn`` accepts the merged tensors and the base in any float dtype and
+    # computes in float32 itself (the engine need not make float32 copies of them),
+    # and takes an ``out_dtype`` keyword: the dtype the engine stores, which ``fn`` may
+    # return directly instead of float32 (saving a copy and a conversion pass).
     mixed_precision: bool = False
     aliases: tuple[str, ...] = field(default=())
 

@@ -87,3 +87,31 @@ def test_fused_merge_equals_the_torch_path(method, dtype, base_dtype, n_models, 
         want = torch_path(fn, tensors, base, None, **p)
         assert got.dtype == want.dtype == torch.float32
         assert torch.equal(got, want), (normalize, lam)
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_bfloat16_output_is_the_cast_of_the_float32_result(method):
+    tensors, base = _inputs(9, 3)
+    p = {"weight": [0.6, 0.3, 0.4], "normalize": True, "lambda": 1.3, "int8_mask": False}
+    if method == "ties":
+        p["density"] = [0.4, 0.7, 0.2]
+    fn = get_operator(method).fn
+    wide = fn(tensors, base, None, **p)
+    wide.view(-1)[:4] = torch.tensor([float("nan"), 3.3e38, -3.4e38, 1.00390625])  # cast edge cases
+    narrow = fn(tensors, base, None, out_dtype=torch.bfloat16, **p)
+    assert narrow.dtype == torch.bfloat16
+    assert torch.equal(narrow.view(-1)[4:], wide.view(-1)[4:].to(torch.bfloat16))
+    bits = kernels._array(torch.empty(4, dtype=torch.bfloat16))
+    kernels._kernels().store_all(wide.view(-1)[:4].numpy(), bits)
+    want = wide.view(-1)[:4].to(torch.bfloat16)
+    got = torch.from_numpy(bits.view("int16")).view(torch.bfloat16)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[1:], want[1:])
+
+
+def test_linear_returns_the_asked_dtype_with_the_same_values():
+    tensors, _ = _inputs(4, 3, shape=(700, 300))
+    fn = get_operator("linear").fn
+    wide = fn(tensors, None, None, weight=[0.2, 0.5, 0.3])
+    narrow = fn(tensors, None, None, weight=[0.2, 0.5, 0.3], out_dtype=torch.bfloat16)
+    assert wide.dtype == torch.float32 and narrow.dtype == torch.bfloat16
+    assert torch.equal(narrow, wide.to(torch.bfloat16))
