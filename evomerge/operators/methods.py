@@ -60,12 +60,14 @@ def linear(tensors: list[Tensor], base: Tensor | None, gen, *, weight, normalize
     for start in range(0, flat.numel(), step):
         dst = flat[start : start + step]
         part = dst if acc is None else acc[: dst.numel()]
-        part.zero_()
-        for w, t in zip(weight, flats):
+        for i, (w, t) in enumerate(zip(weight, flats)):
             piece = t[start : start + step]
             if piece.dtype != dtype:
                 piece = widen[: part.numel()].copy_(piece)
-            part.add_(piece, alpha=w)
+            if i == 0:  # 0 + w x: the same value as the sum from zero, one pass less
+                torch.mul(piece, w, out=part)
+            else:
+                part.add_(piece, alpha=w)
         if normalize:
             part.div_(total)
         if acc is not None:
