@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -115,3 +118,18 @@ def test_linear_returns_the_asked_dtype_with_the_same_values():
     narrow = fn(tensors, None, None, weight=[0.2, 0.5, 0.3], out_dtype=torch.bfloat16)
     assert wide.dtype == torch.float32 and narrow.dtype == torch.bfloat16
     assert torch.equal(narrow, wide.to(torch.bfloat16))
+
+
+def test_the_kernels_leave_torch_thread_count_alone():
+    """Numba's OpenMP layer resets OpenMP's thread count when it starts; a worker
+    pinned to one torch thread must stay pinned (a fresh process: the layer starts once)."""
+    code = (
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "from evomerge.operators import kernels\n"
+        "x = torch.randn(50_000)\n"
+        "kernels.topk_mask(x, 10)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
