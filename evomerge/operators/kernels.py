@@ -13,7 +13,7 @@ float32 passes per model). These kernels read each input in its stored dtype
   lowest flat index first.
 * :func:`task_arithmetic`: trim (by those thresholds), weight, and either sum
   (task arithmetic, Ilharco et al. 2023) or elect and take the disjoint mean
-  (TIES, Yadav et al. 2023, Sec. 3), in one pass.
+  (TIES, Yadav et al. 2023, Sec. 3), in one more pass.
 
 Every float operation is the float32 operation of the torch path in the same
 order, so the results are the same bits (tested). The kernels compile on first
@@ -38,6 +38,7 @@ _DTYPES = (torch.bfloat16, torch.float32)
 
 @cache
 def available() -> bool:
+    """True when numba imports (a declared dependency; without it the torch path runs)."""
     try:
         _kernels()
     except ImportError:
