@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import EvomergeError, MergeError
+from evomerge.operators import kernels
 from evomerge.operators.checkpoint import Checkpoint, open_checkpoint
 from evomerge.operators.outputs import write_model_files
 from evomerge.operators.plan import MergePlan, PlannedTensor, build_plan
@@ -149,6 +150,8 @@ def run_merge(
     dev = _pick_device(device)
     ckpts = open_sources(recipe, resolver or resolve_model_path, allow_pickle)
     plan = build_plan(recipe, ckpts)
+    if plan.operator.cpu_kernels and dev.type == "cpu":
+        kernels.warm_in_background()
     out = Path(out_dir)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, [(t.name, t.shape, t.dtype) for t in plan.tensors], max_shard_bytes)

@@ -24,6 +24,7 @@ and callers then use the torch path.
 from __future__ import annotations
 
 import math
+import threading
 from functools import cache
 from typing import Any
 
@@ -44,6 +45,19 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def warm_in_background() -> None:
+    """Import numba and start its machinery on a daemon thread (about 0.4 s, nearly all
+    numba's own start-up), so that a merge's first kernel call need not wait for it
+    while the first tensors are read."""
+    threading.Thread(target=_warm, name="evomerge-kernels", daemon=True).start()
+
+
+def _warm() -> None:
+    if available():
+        x = np.zeros(8, dtype=np.uint16)
+        _kernels().sample_keys(x, x, 1)  # a serial kernel: OpenMP starts in the merge's thread
 
 
 def supports(tensors: list[Tensor], base: Tensor | None) -> bool:

@@ -313,7 +313,8 @@ def _register_family(
 
     doc = f"{name}: {_task_arithmetic_family.__doc__}"
     random = sparsifier in _RANDOM
-    add(Operator(name, fn, params, base="required", min_models=1, random=random, doc=doc, mixed_precision=True))
+    kern = sparsifier in (_sparsify_none, _sparsify_magnitude, _sparsify_outliers)  # top-k or fused merge
+    add(Operator(name, fn, params, "required", 1, None, random, doc, mixed_precision=True, cpu_kernels=kern))
 
 
 _RANDOM = (_sparsify_random, _sparsify_rank)
@@ -391,6 +392,7 @@ def karcher(tensors: list[Tensor], base: Tensor | None, gen, *, weight, max_iter
     params=(Param("select_topk", 1.0, low=0.0, high=1.0, search=(0.1, 1.0)), INT8_MASK),
     base="required",
     min_models=1,
+    cpu_kernels=True,
 )
 def sce(tensors: list[Tensor], base: Tensor | None, gen, *, select_topk=1.0, int8_mask=False) -> Tensor:
     """SCE (FuseChat, Wan et al. 2024): Select the top-variance entries, Calculate weights

@@ -19,7 +19,7 @@ import difflib
 import importlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from torch import Tensor
@@ -99,6 +99,9 @@ class Operator:
     # return directly instead of float32 (saving a copy and a conversion pass).
     mixed_precision: bool = False
     aliases: tuple[str, ...] = field(default=())
+    # True when ``fn`` runs numba kernels on the CPU (evomerge.operators.kernels): the
+    # engine starts loading them beside the first reads.
+    cpu_kernels: bool = False
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -124,12 +127,14 @@ def register(
     max_models: int | None = None,
     random: bool = False,
     mixed_precision: bool = False,
+    cpu_kernels: bool = False,
 ) -> Callable[[OperatorFn], OperatorFn]:
     """Decorator: register ``fn`` under ``name`` with its declared parameters."""
 
     def decorate(fn: OperatorFn) -> OperatorFn:
         doc = (fn.__doc__ or "").strip()
-        add(Operator(name, fn, tuple(params), base, min_models, max_models, random, doc, mixed_precision))
+        op = Operator(name, fn, tuple(params), base, min_models, max_models, random, doc, mixed_precision)
+        add(replace(op, cpu_kernels=cpu_kernels))
         return fn
 
     return decorate
