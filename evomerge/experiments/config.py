@@ -78,11 +78,16 @@ class LayerStack(BaseModel):
     repeats: int = Field(2, ge=1, le=8)
     min_layers: int | None = Field(None, ge=1)
     max_layers: int | None = Field(None, ge=1)
+    # The residual scale of each layer added to the starting stack, searched in this
+    # range (its o_proj and down_proj times s; mergekit's passthrough scale). None: 1.
+    scale: Bounds | None = None
 
     @model_validator(mode="after")
     def _depth(self) -> LayerStack:
         if self.min_layers is not None and self.max_layers is not None and self.min_layers > self.max_layers:
             raise ValueError(f"min_layers ({self.min_layers}) is above max_layers ({self.max_layers})")
+        if self.scale is not None and (self.scale.low is None or self.scale.high is None or self.scale.low < 0):
+            raise ValueError("scale: give a range {low, high} with 0 <= low < high")
         return self
 
 

@@ -67,8 +67,9 @@ def _stacks(cfg: ExperimentConfig, points: list[dict[str, Any]]) -> list[str] | 
     assert isinstance(space, StackSpace)
     return [
         " | ".join(
-            f"{space.label(m)} {a}-{b - 1}" if b - a > 1 else f"{space.label(m)} {a}"
-            for m, a, b in runs_of(space.stack(p))
+            (f"{space.label(m)} {a}-{b - 1}" if b - a > 1 else f"{space.label(m)} {a}")
+            + (f" x{scale:.2f}" if scale != 1.0 else "")
+            for m, a, b, scale in runs_of(space.layers(p))
         )
         for p in points
     ]

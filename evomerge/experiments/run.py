@@ -111,7 +111,11 @@ def _stack_space(cfg: ExperimentConfig, paths: dict[str, str]) -> StackSpace:
                 )
     low = cfg.layers.min_layers or max(1, depth[first] // 2)
     high = cfg.layers.max_layers or max(low, 2 * depth[first])
-    return StackSpace(cfg.models, depth, repeats=cfg.layers.repeats, depth=(low, high), dtype=cfg.merge.dtype)
+    scale = cfg.layers.scale
+    bounds = (scale.low, scale.high) if scale is not None and scale.low is not None and scale.high is not None else None
+    return StackSpace(
+        cfg.models, depth, repeats=cfg.layers.repeats, depth=(low, high), dtype=cfg.merge.dtype, scale=bounds
+    )
 
 
 def _check_study_storage(cfg: ExperimentConfig, run: RunDir, resume: bool) -> None:

@@ -8,6 +8,7 @@ then scores the model with the fitness evaluator. Nothing here knows of Ray.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,19 +120,52 @@ class StackedModels:
         stack = stack_of(recipe)
         if stack is None:
             raise EvomergeError("a layer-stack worker evaluates passthrough slices only")
-        unknown = sorted({m for m, _ in stack} - set(self.models))
+        unknown = sorted({m for m, _, _ in stack} - set(self.models))
         if unknown:
             raise EvomergeError(f"the stack names models that are not resident: {unknown}")
         first, last = self.models[stack[0][0]], self.models[stack[-1][0]]
         body = self.shell.get_decoder()
-        body.layers = torch.nn.ModuleList(self.models[m].get_decoder().layers[i] for m, i in stack)
+        body.layers = torch.nn.ModuleList(self._layer(m, i, scale) for m, i, scale in stack)
         body.embed_tokens = first.get_decoder().embed_tokens
         body.norm = last.get_decoder().norm
         self.shell.lm_head = first.lm_head if self.shell.config.tie_word_embeddings else last.lm_head
         self.shell.config.num_hidden_layers = len(stack)
         for key in self.depth_keys:
-            setattr(self.shell.config, key, [getattr(self.models[m].config, key)[i] for m, i in stack])
+            setattr(self.shell.config, key, [getattr(self.models[m].config, key)[i] for m, i, _ in stack])
         return self.shell
+
+    def _layer(self, model: str, index: int, scale: float) -> torch.nn.Module:
+        """A resident layer; with a residual scale, a twin that shares every weight but
+        the scaled copies of its residual projections (computed as the export does:
+        float32 times the scale, back to the resident dtype)."""
+        from evomerge.search.stack import RESIDUAL
+
+        layer = self.models[model].get_decoder().layers[index]
+        if scale == 1.0:
+            return layer
+        twin = _shallow(layer)
+        for path, module in list(layer.named_modules()):
+            if path.rsplit(".", 1)[-1] not in RESIDUAL:
+                continue
+            owner = twin
+            for part in path.split(".")[:-1]:
+                child = _shallow(getattr(owner, part))
+                setattr(owner, part, child)
+                owner = child
+            scaled = _shallow(module)
+            for name, param in module.named_parameters(recurse=False):
+                value = (param.detach().to(torch.float32) * scale).to(param.dtype)
+                setattr(scaled, name, torch.nn.Parameter(value, requires_grad=False))
+            setattr(owner, path.rsplit(".", 1)[-1], scaled)
+        return twin
+
+
+def _shallow(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` that shares its parameters and children until they are replaced."""
+    twin = copy.copy(module)
+    twin._modules = dict(module._modules)  # type: ignore[assignment]
+    twin._parameters = dict(module._parameters)  # type: ignore[assignment]
+    return twin
 
 
 class MergeWorker:

@@ -45,7 +45,35 @@ def test_a_stack_is_written_as_mergekit_slices():
     assert data["merge_method"] == "passthrough"
     assert [s["sources"][0]["layer_range"] for s in data["slices"]] == [[0, 2], [1, 3], [1, 2]]
     assert [s["sources"][0]["model"] for s in data["slices"]] == ["/m/a", "b", "/m/a"]
-    assert stack_of(stack_recipe([("b", 3), ("a", 0)], "float32")) == [("b", 3), ("a", 0)]
+    assert stack_of(stack_recipe([("b", 3), ("a", 0)], "float32")) == [("b", 3, 1.0), ("a", 0, 1.0)]
+
+
+def test_added_layers_carry_a_residual_scale_gene():
+    space = StackSpace(["a", "b"], {"a": 2, "b": 2}, repeats=2, depth=(1, 8), dtype="float32", scale=(0.0, 1.0))
+    on = [d.name for d in space.dims["passthrough"] if d.param == "on"]
+    scales = {d.name: d for d in space.dims["passthrough"] if d.param == "scale"}
+    assert len(on) == 8 and len(scales) == 6  # every slot but the start's two has one
+    assert all((d.low, d.high) == (0.0, 1.0) for d in scales.values())
+    assert space.layers(space.default_params()) == [("a", 0, 1.0), ("a", 1, 1.0)]  # the centre: the start
+    point = dict(space.default_params())
+    point[on[3]] = 0.9  # b1 on (first pass)
+    point[on[5]] = 0.9  # a1 again (second pass)
+    point["slot[3]:b:1:scale"], point["slot[5]:a:1:scale"] = 0.25, 1.0
+    layers = space.layers(point)
+    assert layers == [("a", 0, 1.0), ("a", 1, 1.0), ("b", 1, 0.25), ("a", 1, 1.0)]
+    recipe = space.recipe(point)
+    data = recipe.to_dict()
+    scaled = data["slices"][1]["sources"][0]
+    assert scaled["parameters"]["scale"] == [
+        {"filter": "o_proj", "value": 0.25},
+        {"filter": "down_proj", "value": 0.25},
+        {"value": 1.0},
+    ]
+    assert [s["sources"][0]["layer_range"] for s in data["slices"]] == [[0, 2], [1, 2], [1, 2]]
+    assert stack_of(recipe) == layers
+    other = recipe.model_copy(deep=True)
+    other.slices[1].sources[0].parameters["scale"][0].value = 0.5  # o_proj and down_proj scaled apart
+    assert stack_of(other) is None  # not a stack the search could propose: merged, not assembled
 
 
 @pytest.mark.parametrize(
@@ -78,7 +106,7 @@ def test_the_in_memory_stack_is_the_exported_model(tiny_zoo, tmp_path):
     from evomerge.search.worker import Job, MergeWorker
 
     prep = prepare(_stack_cfg(tiny_zoo), log=lambda _: None)
-    stack = [("zoo:rev", 0), ("zoo:rev", 1), ("zoo:cp", 1), ("zoo:sort", 0), ("zoo:cp", 1), ("zoo:sort", 1)]
+    stack = [("zoo:rev", 0), ("zoo:rev", 1), ("zoo:cp", 1, 0.3), ("zoo:sort", 0), ("zoo:cp", 1), ("zoo:sort", 1, 1.7)]
     recipe = stack_recipe(stack, "float32")
     worker = MergeWorker(prep.spec)
     in_memory = worker.stacks.assemble(recipe)
@@ -91,7 +119,12 @@ def test_the_in_memory_stack_is_the_exported_model(tiny_zoo, tmp_path):
     with torch.no_grad():
         assert torch.equal(in_memory(ids).logits, exported(ids, use_cache=False).logits)
     sources = {r: m for r, m in worker.stacks.models.items()}
-    assert all(in_memory.model.layers[k] is sources[m].model.layers[i] for k, (m, i) in enumerate(stack))  # no copies
+    plain = [(k, m, i) for k, (m, i, *scale) in enumerate(stack) if not scale]
+    assert all(in_memory.model.layers[k] is sources[m].model.layers[i] for k, m, i in plain)  # no copies
+    twin, layer = in_memory.model.layers[2], sources["zoo:cp"].model.layers[1]
+    assert twin.self_attn.q_proj.weight is layer.self_attn.q_proj.weight  # a scaled layer shares the rest
+    assert torch.equal(twin.mlp.down_proj.weight, (layer.mlp.down_proj.weight * 0.3).float())
+    assert in_memory.model.layers[4] is layer  # the source layer itself is untouched
     scored = worker.run(Job(0, recipe.to_dict(), seed=0))
     assert scored.ok and 0 <= scored.value <= 1
     # The stack (cache off: a layer runs twice) is scored in full, the export with
