@@ -81,6 +81,8 @@ def test_added_layers_carry_a_residual_scale_gene():
     [
         ({"min_layers": 5, "max_layers": 3}, "min_layers (5) is above max_layers (3)"),
         ({"repeats": 1, "max_layers": 7}, "max_layers 7 exceeds the 6 slots"),
+        ({"scale": {"low": -0.5, "high": 1.0}}, "scale: give a range {low, high} with 0 <= low < high"),
+        ({"scale": {"value": 0.5}}, "scale: give a range"),
     ],
 )
 def test_impossible_depths_are_refused(tiny_zoo, layers, message):
