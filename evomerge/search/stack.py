@@ -28,7 +28,9 @@ the trick frankenmerges use for repeated layers, and mergekit's passthrough ``sc
 with filters, so the export is the scored model. The starting stack's own layers keep
 s = 1, so the centre of the cube is still the start. On the demo zoo, the start plus
 one extra layer at s = 0.25 (add's last layer, or the merge's last layer again)
-scores above the start, which no unscaled stack does (BENCHMARKS.md).
+scores above the start, which no unscaled stack does (BENCHMARKS.md). Against a slot
+list (K slots of model, first layer, length; ``bench/stack_encodings.py``) this
+encoding beat the start in 2 of 3 seeds at 128 trials, the slot list in 1 of 3.
 """
 
 from __future__ import annotations
