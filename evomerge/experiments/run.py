@@ -17,7 +17,7 @@ from evomerge.experiments.config import ExperimentConfig
 from evomerge.experiments.rundir import RunDir, RunLog, check_sqlite, holds_study, write_atomic, write_json
 from evomerge.search.loop import Budget, SearchLoop, SearchStats, TrialRecord, record_from_trial, trial_seed
 from evomerge.search.space import SearchSpace, Space
-from evomerge.search.stack import StackSpace
+from evomerge.search.stack import RESIDUAL, StackSpace
 from evomerge.search.worker import Job, JobResult, WorkerSpec
 
 
@@ -98,9 +98,14 @@ def _stack_space(cfg: ExperimentConfig, paths: dict[str, str]) -> StackSpace:
     for ref in cfg.models:
         ck = open_checkpoint(paths[ref])
         depth[ref], configs[ref] = ck.num_layers or 0, ck.config
+        residual = any(name in t for t in ck.tensors for name in RESIDUAL)
         ck.close()
         if not depth[ref]:
             raise EvomergeError(f"models: '{ref}' has no numbered layers to stack")
+        if cfg.layers.scale is not None and not residual:
+            raise EvomergeError(
+                f"layers.scale: model '{ref}' has no {' or '.join(RESIDUAL)} tensors, whose scale it would search"
+            )
     first = cfg.models[0]
     for ref in cfg.models[1:]:
         for key in STACK_KEYS:

@@ -102,7 +102,7 @@ def magnitude_threshold(x: Tensor, base: Tensor | None, k: int) -> tuple[int, in
     """``(key, cutoff)`` selecting the ``k`` largest |x - base| (|x| without a base):
     entries whose magnitude bits exceed ``key``, and those equal to it at flat indices
     below ``cutoff`` (ties: lowest index first, as :func:`sparsify.topk_mask`). Keys
-    fit in uint32: everything is ``(0, n)``, nothing is ``KEEP_NONE``."""
+    fit in uint32: everything is ``KEEP_ALL``, nothing is ``KEEP_NONE``."""
     n = x.numel()
     if k >= n:
         return KEEP_ALL

@@ -207,3 +207,13 @@ def test_a_stack_proposed_again_reuses_its_score(tiny_zoo, tmp_path):
     later = [t for t in study.trials[16:] if "same_as" in t.user_attrs]
     assert later and len(submitted) == 16 - len(later)
     assert any(t.user_attrs["same_as"] < 16 for t in later)
+
+
+def test_a_residual_scale_needs_residual_projections(tiny_zoo, monkeypatch):
+    import evomerge.experiments.run as run_module
+
+    monkeypatch.setattr(run_module, "RESIDUAL", ("c_proj",))  # as if the models were GPT-2 style
+    with pytest.raises(EvomergeError, match="layers.scale: model 'zoo:.*' has no c_proj tensors"):
+        prepare(_stack_cfg(tiny_zoo, scale={"low": 0.0, "high": 1.0}), log=lambda _: None)
+    monkeypatch.undo()
+    assert prepare(_stack_cfg(tiny_zoo, scale={"low": 0.0, "high": 1.0}), log=lambda _: None).space.scaled
