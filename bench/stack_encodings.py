@@ -26,18 +26,17 @@ import optuna
 
 from evomerge.experiments.config import load_config
 from evomerge.experiments.run import prepare
-from evomerge.operators.recipe import Recipe
 from evomerge.search.dispatch import InProcessDispatcher
 from evomerge.search.loop import Budget, SearchLoop
 from evomerge.search.samplers import make_sampler, population_size
 from evomerge.search.space import Dim
-from evomerge.search.stack import BIAS, METHOD, StackSpace, stack_recipe
+from evomerge.search.stack import BIAS, METHOD, LayerGenes, StackSpace
 from evomerge.search.worker import MergeWorker
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_slices.yaml"
 
 
-class SlotListSpace:
+class SlotListSpace(LayerGenes):
     """K slots of (on, model, first layer, length, scale) genes, all in [-1, 1] but the
     scale. A categorical or integer choice is read from where its gene falls among
     equal bins, shifted so that the centre picks slot 0's start values."""
@@ -81,17 +80,6 @@ class SlotListSpace:
             out = [(self.models[0], i, 1.0) for i in range(self.layers_first)]
         return out
 
-    def sample(self, trial) -> dict[str, Any]:
-        return {d.name: trial.suggest_float(d.name, d.low, d.high) for d in self.dims[METHOD]}
-
-    def complete(self, params: dict[str, Any]) -> bool:
-        return all(d.name in params for d in self.dims[METHOD])
-
-    def default_params(self, method: str | None = None) -> dict[str, Any]:
-        return {d.name: (d.low + d.high) / 2 for d in self.dims[METHOD]}
-
-    def recipe(self, params: dict[str, Any], paths: dict[str, str] | None = None) -> Recipe:
-        return stack_recipe(self.layers(params), self.dtype, paths)
 
 
 def search(space, worker: MergeWorker, trials: int, seed: int, start: float, workers: int) -> dict[str, Any]:

@@ -98,11 +98,11 @@ def _stack_space(cfg: ExperimentConfig, paths: dict[str, str]) -> StackSpace:
     for ref in cfg.models:
         ck = open_checkpoint(paths[ref])
         depth[ref], configs[ref] = ck.num_layers or 0, ck.config
-        residual = any(name in t for t in ck.tensors for name in RESIDUAL)
+        residual = cfg.layers.scale is None or any(name in t for t in ck.tensors for name in RESIDUAL)
         ck.close()
         if not depth[ref]:
             raise EvomergeError(f"models: '{ref}' has no numbered layers to stack")
-        if cfg.layers.scale is not None and not residual:
+        if not residual:
             raise EvomergeError(
                 f"layers.scale: model '{ref}' has no {' or '.join(RESIDUAL)} tensors, whose scale it would search"
             )

@@ -19,7 +19,7 @@ import difflib
 import importlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import Tensor
@@ -133,8 +133,12 @@ def register(
 
     def decorate(fn: OperatorFn) -> OperatorFn:
         doc = (fn.__doc__ or "").strip()
-        op = Operator(name, fn, tuple(params), base, min_models, max_models, random, doc, mixed_precision)
-        add(replace(op, cpu_kernels=cpu_kernels))
+        add(
+            Operator(
+                name, fn, tuple(params), base, min_models, max_models, random, doc, mixed_precision,
+                cpu_kernels=cpu_kernels,
+            )
+        )  # fmt: skip
         return fn
 
     return decorate

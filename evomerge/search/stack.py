@@ -48,8 +48,34 @@ RESIDUAL = ("o_proj", "down_proj")  # the projections that write a layer's outpu
 Layer = tuple[str, int, float]  # model, layer index, residual scale
 
 
-class StackSpace:
-    """Genes over the slots; a point becomes a passthrough recipe of ``slices:``."""
+class LayerGenes:
+    """The Space interface of a stack encoding whose genes are plain floats within
+    their Dim bounds and whose points decode to ``layers()`` (what the loop and the
+    run use); subclasses give ``dims``, ``dtype`` and ``layers``."""
+
+    dims: dict[str, list[Dim]]
+    dtype: str
+
+    def layers(self, params: dict[str, Any]) -> list[Layer]:
+        raise NotImplementedError
+
+    def sample(self, trial) -> dict[str, Any]:
+        return {d.name: trial.suggest_float(d.name, d.low, d.high) for d in self.dims[METHOD]}
+
+    def complete(self, params: dict[str, Any]) -> bool:
+        return all(d.name in params for d in self.dims[METHOD])
+
+    def default_params(self, method: str | None = None) -> dict[str, Any]:
+        """The centre of the cube (each encoding decodes it to its start)."""
+        return {d.name: (d.low + d.high) / 2 for d in self.dims[METHOD]}
+
+    def recipe(self, params: dict[str, Any], paths: dict[str, str] | None = None) -> Recipe:
+        return stack_recipe(self.layers(params), self.dtype, paths)
+
+
+class StackSpace(LayerGenes):
+    """Genes over the slots; a point becomes a passthrough recipe of ``slices:``.
+    The centre of the cube is the first model as it is."""
 
     def __init__(
         self,
@@ -90,17 +116,6 @@ class StackSpace:
         clash = sum(m.rstrip("/").rsplit("/", 1)[-1] == short for m in self.models) > 1
         return f"{short}#{self.models.index(model)}" if clash else short
 
-    # ---- the interface the loop and the run use ------------------------------
-    def sample(self, trial) -> dict[str, Any]:
-        return {d.name: trial.suggest_float(d.name, d.low, d.high) for d in self.dims[METHOD]}
-
-    def complete(self, params: dict[str, Any]) -> bool:
-        return all(d.name in params for d in self.dims[METHOD])
-
-    def default_params(self, method: str | None = None) -> dict[str, Any]:
-        """The centre of the cube: the first model as it is."""
-        return {d.name: (d.low + d.high) / 2 for d in self.dims[METHOD]}
-
     def _in_start(self, k: int) -> bool:
         first = self.models[0]
         return self.slots[k][0] == first and k < self.n_layers[first]
@@ -127,9 +142,6 @@ class StackSpace:
             on.add(k)
         scale = {k: float(params[d.name]) for k, d in zip(self.scaled, self.dims[METHOD][len(self.slots) :])}
         return [(*self.slots[k], scale.get(k, 1.0)) for k in sorted(on)]
-
-    def recipe(self, params: dict[str, Any], paths: dict[str, str] | None = None) -> Recipe:
-        return stack_recipe(self.layers(params), self.dtype, paths)
 
     def source_recipe(self, ref: str) -> dict[str, Any]:
         """A source model alone, as a stack (what a stack worker can evaluate)."""
