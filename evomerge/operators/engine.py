@@ -167,22 +167,41 @@ def run_merge(
     return MergeResult(out, len(plan.tensors), nbytes, time.perf_counter() - start, files)
 
 
+def _input_bytes(pt: PlannedTensor, ckpts: dict[str, Checkpoint]) -> int:
+    refs = [*pt.sources, *([pt.base] if pt.base else [])]
+    return sum(ckpts[r.model].tensors[r.tensor].nbytes for r in refs)
+
+
 def _stream(plan: MergePlan, ckpts, writer: ShardWriter, dev: torch.device, seed: int, progress) -> None:
-    """Merge tensor by tensor, prefetching the next inputs while the current one computes."""
+    """Merge tensor by tensor while a reader thread reads ahead: as many planned
+    tensors as fit in READ_AHEAD_BYTES of inputs (at least the next one), so that a
+    slow step (a large tensor, the kernels' start-up) does not leave it idle."""
     items = plan.tensors
+    sizes = [_input_bytes(pt, ckpts) for pt in items]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-read") as pool:
         pending: deque[Future] = deque()
-        ahead = iter(items)
-        first = next(ahead, None)
-        if first is not None:
-            pending.append(pool.submit(load_inputs, first, ckpts, dev))
-        for i, pt in enumerate(items):
-            inputs = pending.popleft().result()
-            nxt = next(ahead, None)
-            if nxt is not None:
-                pending.append(pool.submit(load_inputs, nxt, ckpts, dev))
-            writer.write(pt.name, merge_planned(pt, plan, inputs, dev, seed))
-            if progress:
-                progress(i + 1, len(items))
-        for f in pending:
-            f.cancel()
+        queued = held = 0  # tensors submitted so far; input bytes submitted and not yet merged
+
+        def refill() -> None:
+            nonlocal queued, held
+            while queued < len(items) and (not pending or held + sizes[queued] <= READ_AHEAD_BYTES):
+                pending.append(pool.submit(load_inputs, items[queued], ckpts, dev))
+                held += sizes[queued]
+                queued += 1
+
+        try:
+            refill()
+            for i, pt in enumerate(items):
+                inputs = pending.popleft().result()
+                writer.write(pt.name, merge_planned(pt, plan, inputs, dev, seed))
+                del inputs
+                held -= sizes[i]
+                refill()
+                if progress:
+                    progress(i + 1, len(items))
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+READ_AHEAD_BYTES = 256 * 1024**2  # inputs read ahead of the merge (a bound on memory, not on model size)

@@ -164,3 +164,59 @@ def test_every_method_merges_real_models(family, tmp_path, method):
     run_merge(r, tmp_path / method)
     merged = state(tmp_path / method)
     assert all(torch.isfinite(v).all() for v in merged.values())
+
+
+@pytest.mark.parametrize("budget", [1, 50_000, 1 << 30])
+def test_read_ahead_holds_at_most_its_budget(family, tmp_path, monkeypatch, budget):
+    """The reader runs ahead of the merge by at most READ_AHEAD_BYTES of inputs (but
+    always at least the next tensor); the output does not depend on how far."""
+    import threading
+
+    from evomerge.operators import engine
+
+    base, a, b, _ = family
+    r = recipe(
+        "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 0.5, density: 0.5}}}},"
+        " {{model: {b}, parameters: {{weight: 0.5, density: 0.7}}}}]",
+        base=base,
+        a=a,
+        b=b,
+    )
+    held, peak, biggest, total, loads = [0], [0], [0], [0], [0]
+    all_read = threading.Event()
+    load, merge = engine.load_inputs, engine.merge_planned
+    n_tensors = len(state(a))
+
+    def nbytes(inputs) -> int:
+        return sum(t.numel() * t.element_size() for t in [*inputs[0], inputs[1]] if t is not None)
+
+    def counting_load(pt, ckpts, dev, **kw):
+        inputs = load(pt, ckpts, dev, **kw)
+        held[0] += nbytes(inputs)
+        total[0] += nbytes(inputs)
+        peak[0], biggest[0] = max(peak[0], held[0]), max(biggest[0], nbytes(inputs))
+        loads[0] += 1
+        if loads[0] == n_tensors:
+            all_read.set()
+        return inputs
+
+    def counting_merge(pt, plan, inputs, dev, seed):
+        if pt is plan.tensors[0]:
+            all_read.wait(0.5)  # a slow first merge: the reader goes as far as it may
+        out = merge(pt, plan, inputs, dev, seed)
+        held[0] -= nbytes(inputs)
+        return out
+
+    monkeypatch.setattr(engine, "load_inputs", counting_load)
+    monkeypatch.setattr(engine, "merge_planned", counting_merge)
+    monkeypatch.setattr(engine, "READ_AHEAD_BYTES", budget)
+    run_merge(r, tmp_path / "out")
+    assert held[0] == 0 and loads[0] == n_tensors
+    # the tensor being merged, plus what was read ahead within the budget (at least one more)
+    assert peak[0] <= biggest[0] + max(budget, biggest[0])
+    if budget >= total[0]:  # everything fits: the reader read it all before the first merge ended
+        assert peak[0] == total[0]
+    monkeypatch.undo()
+    run_merge(r, tmp_path / "plain")
+    one, two = state(tmp_path / "out"), state(tmp_path / "plain")
+    assert all(torch.equal(one[k], two[k]) for k in one)
