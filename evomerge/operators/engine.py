@@ -24,7 +24,7 @@ from evomerge.errors import EvomergeError, MergeError
 from evomerge.operators import kernels
 from evomerge.operators.checkpoint import Checkpoint, open_checkpoint
 from evomerge.operators.outputs import write_model_files
-from evomerge.operators.plan import MergePlan, PlannedTensor, build_plan
+from evomerge.operators.plan import MergePlan, PlannedTensor, Ref, build_plan
 from evomerge.operators.recipe import Recipe
 from evomerge.operators.writer import ShardWriter, atomic_directory
 
@@ -68,13 +68,14 @@ def load_inputs(
     pt: PlannedTensor, ckpts: dict[str, Checkpoint], device: torch.device, *, check_finite: bool = True
 ) -> tuple[list[Tensor], Tensor | None]:
     """One planned tensor's inputs in their stored dtype, cut or padded to the planned
-    vocabulary. The streaming merge checks each for NaN/Inf as it reads it; resident
-    sources that do not change between merges can skip the check."""
+    vocabulary. ``check_finite`` checks each for NaN/Inf as it is read; it may be off
+    when the operator propagates non-finite values (:func:`merge_planned` then names
+    a bad input from the result) or for resident sources that were checked once."""
 
-    def one(ref) -> Tensor:
+    def one(ref: Ref) -> Tensor:
         t = ckpts[ref.model].get(ref.tensor).to(device=device, non_blocking=True)
-        if check_finite and t.is_floating_point() and not all_finite(t):
-            raise MergeError(f"tensor '{ref.tensor}' of model '{ref.model}' contains NaN or Inf")
+        if check_finite:
+            _check_input(t, ref)
         return t
 
     tensors = [one(r) for r in pt.sources]
@@ -84,6 +85,17 @@ def load_inputs(
         tensors = [_fit_rows(t, pt.vocab_rows, donor) for t in tensors]
         base = _fit_rows(base, pt.vocab_rows, donor) if base is not None else None
     return tensors, base
+
+
+def _check_input(t: Tensor, ref: Ref) -> None:
+    if t.is_floating_point() and not all_finite(t):
+        raise MergeError(f"tensor '{ref.tensor}' of model '{ref.model}' contains NaN or Inf")
+
+
+def checks_inputs_on_read(pt: PlannedTensor, plan: MergePlan) -> bool:
+    """Whether the streaming merge checks ``pt``'s inputs as it reads them: not when the
+    operator propagates NaN/Inf into the result (checked anyway), unless rows are cut."""
+    return not plan.operator.nonfinite_propagates or pt.vocab_rows is not None
 
 
 def merge_planned(pt: PlannedTensor, plan: MergePlan, inputs, device: torch.device, seed: int) -> Tensor:
@@ -104,6 +116,9 @@ def merge_planned(pt: PlannedTensor, plan: MergePlan, inputs, device: torch.devi
         raise MergeError(f"tensor '{pt.name}': {err}") from None
     out = out.to(pt.dtype)  # checked after the cast: a value beyond the dtype's range is Inf there
     if not all_finite(out):
+        for t, ref in zip([*inputs[0], inputs[1]], [*pt.sources, pt.base]):
+            if t is not None and ref is not None:
+                _check_input(t, ref)  # a bad input is named, not the result
         raise MergeError(f"tensor '{pt.name}': the merge produced NaN or Inf")
     return out
 
@@ -185,7 +200,8 @@ def _stream(plan: MergePlan, ckpts, writer: ShardWriter, dev: torch.device, seed
         def refill() -> None:
             nonlocal queued, held
             while queued < len(items) and (not pending or held + sizes[queued] <= READ_AHEAD_BYTES):
-                pending.append(pool.submit(load_inputs, items[queued], ckpts, dev))
+                pt = items[queued]
+                pending.append(pool.submit(load_inputs, pt, ckpts, dev, check_finite=checks_inputs_on_read(pt, plan)))
                 held += sizes[queued]
                 queued += 1
 

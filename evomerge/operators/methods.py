@@ -39,7 +39,13 @@ def _weight_sum(weight: Sequence[float]) -> float:
     return total
 
 
-@register("linear", params=(WEIGHT, _normalize_flag("normalize", True)), min_models=1, mixed_precision=True)
+@register(
+    "linear",
+    params=(WEIGHT, _normalize_flag("normalize", True)),
+    min_models=1,
+    mixed_precision=True,
+    nonfinite_propagates=True,  # w * NaN, w * Inf (Inf * 0 = NaN) and their sums stay non-finite
+)
 def linear(tensors: list[Tensor], base: Tensor | None, gen, *, weight, normalize=True, out_dtype=None) -> Tensor:
     """Weighted average: sum_i w_i theta_i, divided by sum_i w_i when ``normalize``;
     computed in float32 (or wider), returned in ``out_dtype`` when given.
@@ -314,7 +320,14 @@ def _register_family(
     doc = f"{name}: {_task_arithmetic_family.__doc__}"
     random = sparsifier in _RANDOM
     kern = sparsifier in (_sparsify_none, _sparsify_magnitude, _sparsify_outliers)  # top-k or fused merge
-    add(Operator(name, fn, params, "required", 1, None, random, doc, mixed_precision=True, cpu_kernels=kern))
+    # a non-finite tau_i stays so when trimmed or dropped (NaN * 0, Inf * 0 = NaN), when
+    # rescaled, and through the sum or the disjoint mean (a disagreeing one adds Inf * 0)
+    add(
+        Operator(
+            name, fn, params, "required", 1, None, random, doc,
+            mixed_precision=True, cpu_kernels=kern, nonfinite_propagates=True,
+        )
+    )  # fmt: skip
 
 
 _RANDOM = (_sparsify_random, _sparsify_rank)

@@ -102,6 +102,10 @@ class Operator:
     # True when ``fn`` runs numba kernels on the CPU (evomerge.operators.kernels): the
     # engine starts loading them beside the first reads.
     cpu_kernels: bool = False
+    # True when a NaN or Inf in any input (a merged tensor or the base) always makes the
+    # result non-finite, whatever the parameters (a contract test injects them): the
+    # engine then checks only the result, and the inputs only to name the culprit.
+    nonfinite_propagates: bool = False
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -128,6 +132,7 @@ def register(
     random: bool = False,
     mixed_precision: bool = False,
     cpu_kernels: bool = False,
+    nonfinite_propagates: bool = False,
 ) -> Callable[[OperatorFn], OperatorFn]:
     """Decorator: register ``fn`` under ``name`` with its declared parameters."""
 
@@ -136,7 +141,7 @@ def register(
         add(
             Operator(
                 name, fn, tuple(params), base, min_models, max_models, random, doc, mixed_precision,
-                cpu_kernels=cpu_kernels,
+                cpu_kernels=cpu_kernels, nonfinite_propagates=nonfinite_propagates,
             )
         )  # fmt: skip
         return fn

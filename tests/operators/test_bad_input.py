@@ -170,20 +170,40 @@ def test_header_claiming_huge_shape_is_refused_without_allocating(family, tmp_pa
     assert "lm_head.weight" in err and "claims shape" in err
 
 
-@pytest.mark.parametrize("where", ["input", "result"])
-def test_non_finite(family, tmp_path, capsys, where):
-    _, a, b, _ = family
-    if where == "input":
-        bad = copy_model(b, tmp_path / "nan")
-        edit_tensor(bad, "model.norm.weight", lambda t: t.index_fill(0, torch.tensor([0]), float("nan")))
-        err = run_bad(tmp_path, two(a, bad), capsys)
-        assert "model.norm.weight" in err and "NaN" in err
+@pytest.mark.parametrize(
+    "method, where",
+    [  # linear has no base
+        ("linear", "model.norm.weight"),
+        ("linear", "model.embed_tokens.weight"),
+        *[(m, w) for m in ("ties", "slerp") for w in ("model.norm.weight", "model.embed_tokens.weight", "base")],
+    ],
+)
+def test_non_finite_input_is_named(family, tmp_path, capsys, method, where):
+    """Read-time checks (slerp) and result-time checks (operators that propagate NaN and
+    Inf: the engine then names the input) give the same message."""
+    base, a, b, _ = family
+    bad_base = where == "base"
+    tensor = "model.norm.weight" if bad_base else where
+    bad = copy_model(base if bad_base else b, tmp_path / "bad")
+    edit_tensor(bad, tensor, lambda t: t.index_fill(0, torch.tensor([0]), float("inf")))
+    if method == "slerp":
+        first = bad if bad_base else a
+        text = two(first, b if bad_base else bad, method) + f"base_model: {first}\nparameters: {{t: 0.5}}\n"
     else:
-        text = (
-            f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 3.0e+38}}}}\n"
-            f"  - {{model: {b}, parameters: {{weight: 3.0e+38}}}}\nparameters: {{normalize: false}}\n"
-        )
-        assert "produced NaN or Inf" in run_bad(tmp_path, text, capsys)
+        text = two(a, b if bad_base else bad, method)
+    if method == "ties":
+        text += f"base_model: {bad if bad_base else base}\nparameters: {{density: 0.5}}\n"
+    err = run_bad(tmp_path, text, capsys)
+    assert f"tensor '{tensor}' of model '{bad}' contains NaN or Inf" in err
+
+
+def test_non_finite_result(family, tmp_path, capsys):
+    _, a, b, _ = family
+    text = (
+        f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 3.0e+38}}}}\n"
+        f"  - {{model: {b}, parameters: {{weight: 3.0e+38}}}}\nparameters: {{normalize: false}}\n"
+    )
+    assert "produced NaN or Inf" in run_bad(tmp_path, text, capsys)
 
 
 def test_malformed_yaml(tmp_path, capsys):

@@ -89,3 +89,37 @@ def test_declared_parameters_are_complete(name):
             assert p.check(p.default, "default") == p.default
         if p.search is not None:
             assert p.search[0] < p.search[1]
+
+
+PROPAGATING = [n for n in OPS if operators()[n].nonfinite_propagates]
+
+
+@pytest.mark.parametrize("name", PROPAGATING)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_input_gives_nonfinite_result(name, bad, dtype):
+    """What ``nonfinite_propagates`` promises (the engine then skips the input checks):
+    one NaN or +-Inf in any input, a merged model's or the base's, on the torch path
+    (small tensors) and the CPU kernels' (large ones), with several parameter sets."""
+    op = operators()[name]
+    n = _n_models(op)
+    settings = [{}, {"weight": [0.0] + [1.0] * (n - 1)}]
+    if op.param("density"):
+        settings += [{"density": 0.3}, {"density": 1.0}]
+    if op.param("lambda"):
+        settings.append({"lambda": 0.0})
+    if op.param("normalize"):
+        settings.append({"normalize": not op.param("normalize").default})
+    for shape in [(6, 8), (160, 128)]:
+        tensors, base = _inputs(op, n, seed=2, shape=shape)
+        tensors = [t.to(dtype) for t in tensors]
+        base = base.to(dtype) if base is not None else None
+        spots = [(i, pos) for i in range(n + (base is not None)) for pos in (0, tensors[0].numel() - 1, 37)]
+        for over in settings:
+            for i, pos in spots:
+                ts = [t.clone() for t in tensors]
+                b = base.clone() if base is not None else None
+                target = ts[i] if i < n else b
+                target.view(-1)[pos] = bad
+                out = _call(op, ts, b, **over)
+                assert not torch.isfinite(out.to(dtype)).all(), f"{over} input {i} at {pos} gave a finite result"
