@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 # ruff: noqa: ANN001, ANN202
@@ -172,74 +173,151 @@ def sample_keys(x, base, stride):
     return out
 
 
+LANES = 16  # keys per compress step of the capture
+CHUNK = 256  # keys computed (vectorised) before they are compacted
+
+
+@intrinsic
+def _compress_inside(typingctx, keys, index, at, src, pos, low, span, first):
+    """Of the 16 keys src[pos:pos+16], those with low <= key <= low + span go to
+    keys[at:] in order, and first + lane (their index) to index[at:]; returns how many.
+    Writes 16 lanes past ``at`` (the caller leaves room). LLVM's vector compress: one
+    vpcompressd per 16 keys on AVX-512; elsewhere it expands to lane-by-lane code, and
+    the caller uses a scalar loop instead (see ``capture``)."""
+    sig = types.int64(keys, index, at, src, pos, low, span, first)
+
+    def codegen(context, builder, signature, args):
+        keys_a, index_a, at_v, src_a, pos_v, low_v, span_v, first_v = args
+        i32 = ir.IntType(32)
+        vec = ir.VectorType(i32, LANES)
+        mask_t = ir.VectorType(ir.IntType(1), LANES)
+
+        def pointer(i, arr, offset):
+            data = context.make_array(signature.args[i])(context, builder, arr).data
+            return builder.bitcast(builder.gep(data, [offset]), vec.as_pointer())
+
+        def splat(v):
+            one = builder.insert_element(ir.Constant(vec, ir.Undefined), builder.trunc(v, i32), ir.Constant(i32, 0))
+            return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(vec, [0] * LANES))
+
+        module = builder.module
+        compress = cgutils.get_or_insert_function(
+            module, ir.FunctionType(vec, [vec, mask_t, vec]), f"llvm.experimental.vector.compress.v{LANES}i32"
+        )
+        popcount = cgutils.get_or_insert_function(
+            module, ir.FunctionType(ir.IntType(LANES), [ir.IntType(LANES)]), f"llvm.ctpop.i{LANES}"
+        )
+        v = builder.load(pointer(3, src_a, pos_v), align=4)
+        inside = builder.icmp_unsigned("<=", builder.sub(v, splat(low_v)), splat(span_v))
+        undef = ir.Constant(vec, ir.Undefined)
+        builder.store(builder.call(compress, [v, inside, undef]), pointer(0, keys_a, at_v), align=4)
+        lanes = builder.add(splat(first_v), ir.Constant(vec, list(range(LANES))))
+        builder.store(builder.call(compress, [lanes, inside, undef]), pointer(1, index_a, at_v), align=4)
+        count = builder.call(popcount, [builder.bitcast(inside, ir.IntType(LANES))])
+        return builder.zext(count, ir.IntType(64))
+
+    return sig, codegen
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def capture(x, base, lo_key, hi_key, cap, nblocks):
+def capture(x, base, lo_key, hi_key, cap, nblocks, compress):
     """One pass: per block, the number of keys above ``hi_key``, and the keys in
-    [lo_key, hi_key] with their flat indices, in index order (the first ``cap``;
-    ``counts`` tells how many there were). Branch-free: every key is written at the
-    cursor, which moves on only for keys in the bracket."""
+    [lo_key, hi_key] with their indices from the block's start, in index order (the
+    first ``cap``; ``counts`` tells how many there were).
+
+    Keys are made CHUNK at a time in a vectorised loop that also counts those above;
+    the chunk is then compacted 16 keys per step with ``compress`` (AVX-512), or by a
+    branch-free scalar loop (every key written at the cursor, which moves on only
+    for keys in the bracket)."""
     n = x.size
     above = np.zeros(nblocks, np.int64)
     counts = np.zeros(nblocks, np.int64)
-    keys = np.empty((nblocks, cap + 1), np.int32)
-    index = np.empty((nblocks, cap + 1), np.int64)
+    keys = np.empty((nblocks, cap + LANES), np.uint32)
+    index = np.empty((nblocks, cap + LANES), np.int32)
     low = np.uint32(lo_key)
     top = np.uint32(hi_key)
     span = np.uint32(hi_key - lo_key)
     for b in prange(nblocks):
         lo, hi = _span(n, nblocks, b)
-        xv, bv = x[lo:hi], _part(base, lo, hi)
         kb = keys[b]
         ib = index[b]
+        buf = np.empty(CHUNK, np.uint32)
         a = 0
         c = 0
-        for i in range(hi - lo):
-            k = _bits_from_float(_delta(xv, bv, i)) & np.uint32(0x7FFFFFFF)
-            a += np.int64(k > top)
-            at = min(c, cap)
-            kb[at] = np.int32(k)
-            ib[at] = lo + i
-            c += np.int64(np.uint32(k - low) <= span)  # lo_key <= k <= hi_key
+        for s in range(lo, hi, CHUNK):
+            w = min(hi - s, CHUNK)
+            xv, bv = x[s : s + w], _part(base, s, s + w)
+            for q in range(w):
+                k = _bits_from_float(_delta(xv, bv, q)) & np.uint32(0x7FFFFFFF)
+                buf[q] = k
+                a += np.int64(k > top)
+            if compress:
+                buf[w:] = np.uint32(0xFFFFFFFF)  # above every key: never in the bracket
+                for q in range(0, w, LANES):
+                    at = min(c, cap)
+                    c += _compress_inside(kb, ib, at, buf, q, low, span, s - lo + q)
+            else:
+                for q in range(w):
+                    k = buf[q]
+                    at = min(c, cap)
+                    kb[at] = k
+                    ib[at] = s - lo + q
+                    c += np.int64(np.uint32(k - low) <= span)  # lo_key <= k <= hi_key
         above[b] = a
         counts[b] = c
     return above, counts, keys, index
 
 
-@njit(cache=True, nogil=True)
-def kth_largest(keys, j):
-    """(T, greater, equal) for the j-th largest (1-based) of non-negative int keys, by
-    two radix passes of 16 bits over key - min(keys) (a 32-bit span at most)."""
-    low = keys.min()
-    top = np.zeros(1 << 16, np.int64)
-    for k in keys:
-        top[(np.int64(k) - low) >> 16] += 1
-    above = 0
-    digit = (1 << 16) - 1
-    while above + top[digit] < j:
-        above += top[digit]
-        digit -= 1
-    bottom = np.zeros(1 << 16, np.int64)
-    for k in keys:
-        d = np.int64(k) - low
-        if d >> 16 == digit:
-            bottom[d & 0xFFFF] += 1
-    rest = (1 << 16) - 1
-    while above + bottom[rest] < j:
-        above += bottom[rest]
-        rest -= 1
-    return low + ((digit << 16) | rest), above, bottom[rest]
+DIGIT = 13  # bits per radix pass of the selection (a block's histogram: 32 KiB)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def kth_largest(keys, counts, low, span, j):
+    """(T, greater, equal) for the j-th largest (1-based) of the captured keys (row b
+    holds counts[b] of them, all within [low, low + span]): radix selection over
+    key - low from the top digit down, each pass counting (block by block, in
+    parallel) only the keys that share the digits chosen so far."""
+    nb = counts.size
+    done = 1  # bits of key - low not yet decided: those below ``done`` (span < 2^done)
+    while (span >> done) > 0:
+        done += 1
+    prefix = 0  # the decided high bits of key - low
+    above = 0  # keys greater than every key with this prefix
+    equal = 0
+    while done > 0:
+        shift = max(0, done - DIGIT)
+        width = done - shift
+        hist = np.zeros((nb, 1 << width), np.int32)
+        for b in prange(nb):
+            hb = hist[b]
+            row = keys[b, : counts[b]]
+            for c in range(row.size):
+                d = np.int64(row[c]) - low
+                if d >> done == prefix:
+                    hb[(d >> shift) & ((1 << width) - 1)] += 1
+        total = hist.sum(axis=0, dtype=np.int64)
+        digit = (1 << width) - 1
+        while above + total[digit] < j:
+            above += total[digit]
+            digit -= 1
+        equal = total[digit]
+        prefix = (prefix << width) | digit
+        done = shift
+    return low + prefix, above, equal
 
 
 @njit(cache=True, nogil=True)
-def tie_index(keys, index, counts, key, keep):
-    """The flat index of the ``keep``-th captured entry (in index order) equal to ``key``."""
+def tie_index(keys, index, counts, key, keep, n):
+    """The flat index of the ``keep``-th captured entry (in index order) equal to ``key``
+    (``capture``'s indices count from each block's start, of n elements in all)."""
+    nblocks = counts.size
     seen = 0
-    for b in range(counts.size):
+    for b in range(nblocks):
         for c in range(counts[b]):
             if keys[b, c] == key:
                 seen += 1
                 if seen == keep:
-                    return index[b, c]
+                    return _span(n, nblocks, b)[0] + index[b, c]
     return -1
 
 

@@ -95,7 +95,8 @@ def _blocks(n: int) -> int:
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    return max(1, min(numba.get_num_threads() * 4, n // 4096))
+    # at most 2^30 elements a block: the capture's indices count from a block's start in int32
+    return max(1, min(numba.get_num_threads() * 4, n // 4096), -(-n // (1 << 30)))
 
 
 def magnitude_threshold(x: Tensor, base: Tensor | None, k: int) -> tuple[int, int]:
@@ -120,6 +121,18 @@ SAMPLE_MIN, SAMPLE_MAX = 1 << 12, 1 << 16  # sample size: n / 128 within these b
 MARGIN_SD = 5.0
 
 
+@cache
+def vector_compress() -> bool:
+    """Whether the capture compacts with a vector compress: when numba compiles for a
+    CPU with AVX-512 (one instruction per 16 keys, 2.7x faster than the scalar loop;
+    without it LLVM's lane-by-lane expansion is 1.6x slower than that loop)."""
+    import numba
+    from llvmlite import binding
+
+    features = numba.config.CPU_FEATURES or binding.get_host_cpu_features().flatten()  # type: ignore[attr-defined]
+    return "+avx512f" in features.split(",")
+
+
 def _threshold_by_sample(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int) -> tuple[int, int] | None:
     """One pass: a strided sample brackets the k-th key to +-5 standard deviations of
     its sample rank; the pass counts the keys above the bracket and captures those in
@@ -136,20 +149,20 @@ def _threshold_by_sample(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int)
     sample = np.partition(sample, ranks) if ranks else sample
     hi_key = int(sample[m - hi_rank]) if hi_rank >= 1 else 0x7FFFFFFF
     lo_key = int(sample[m - lo_rank]) if lo_rank <= m else 0
-    inside = min(lo_rank, m) - max(hi_rank, 0)
-    cap = min(-(-n // nb), int(n / nb * (2 * inside / m + 0.01)) + 64)
-    above, counts, keys, index = kern.capture(xs, bs, lo_key, hi_key, cap, nb)
+    inside = int(np.count_nonzero((sample >= lo_key) & (sample <= hi_key)))  # with the ties at either end
+    cap = min(-(-n // nb), int(n / nb * (1.5 * inside / m + 0.01)) + 64)
+    compress = vector_compress()
+    above, counts, keys, index = kern.capture(xs, bs, lo_key, hi_key, cap, nb, compress)
     if int(counts.max()) > cap:  # the sample was unlucky: capture again with room for all
-        above, counts, keys, index = kern.capture(xs, bs, lo_key, hi_key, int(counts.max()), nb)
+        above, counts, keys, index = kern.capture(xs, bs, lo_key, hi_key, int(counts.max()), nb, compress)
     j = k - int(above.sum())
     if not 0 < j <= int(counts.sum()):
         return None
-    captured = np.concatenate([keys[b, : counts[b]] for b in range(nb)])
-    key, greater, ties = (int(v) for v in kern.kth_largest(captured, j))
+    key, greater, ties = (int(v) for v in kern.kth_largest(keys, counts, lo_key, hi_key - lo_key, j))
     keep = j - greater
     if keep >= ties:
         return key, n
-    return key, int(kern.tie_index(keys, index, counts, key, keep)) + 1
+    return key, int(kern.tie_index(keys, index, counts, key, keep, n)) + 1
 
 
 def _threshold_by_histograms(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int) -> tuple[int, int]:

@@ -37,9 +37,16 @@ def _inputs(seed: int, n_models: int, shape=(300, 257), dtype=torch.bfloat16, ti
     return [t.to(dtype) for t in fts], base.to(dtype)
 
 
+@pytest.fixture(params=[True, False], ids=["vector-compress", "scalar-compact"])
+def compaction(request, monkeypatch):
+    """Both ways the capture compacts its keys (the choice follows the CPU)."""
+    monkeypatch.setattr(kernels, "vector_compress", lambda: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("ties", [False, True])
-def test_topk_threshold_matches_the_torch_mask(seed, ties, torch_path):
+def test_topk_threshold_matches_the_torch_mask(seed, ties, torch_path, compaction):
     (x,), _ = _inputs(seed, 1, dtype=torch.float32, ties=ties)
     n = x.numel()
     for k in (1, 2, 37, n // 10, n // 2, n - 1):
@@ -53,7 +60,7 @@ def test_topk_threshold_matches_the_torch_mask(seed, ties, torch_path):
         assert by_sample in (None, by_hist)
 
 
-def test_a_missed_sample_bracket_falls_back_to_the_histograms(monkeypatch, torch_path):
+def test_a_missed_sample_bracket_falls_back_to_the_histograms(monkeypatch, torch_path, compaction):
     (x,), _ = _inputs(5, 1, dtype=torch.float32, ties=True)
     monkeypatch.setattr(kernels, "MARGIN_SD", 0.0)  # a bracket of +-8 sample ranks: often missed
     misses = 0
@@ -62,6 +69,32 @@ def test_a_missed_sample_bracket_falls_back_to_the_histograms(monkeypatch, torch
         misses += kernels._threshold_by_sample(xs, None, k, kernels._blocks(x.numel())) is None
         assert torch.equal(kernels.topk_mask(x, k), torch_path(sparsify.topk_mask, x, k))
     assert misses > 0
+
+
+@pytest.mark.parametrize("n", [16_411, 70_000])
+@pytest.mark.parametrize("cap", [5, 100_000])
+def test_capture_compacts_alike_both_ways(n, cap):
+    """Vector compress and the scalar loop capture the same keys and indices, in index
+    order, and count past a full buffer; indices are those of x - base."""
+    (x,), base = _inputs(9, 1, shape=(n,), ties=True)
+    xs, bs = kernels._array(x), kernels._array(base)
+    keys = ((x.float() - base.float()).view(torch.int32) & 0x7FFFFFFF).long()
+    lo, hi = (int(keys.sort().values[int(q * n)]) for q in (0.4, 0.6))
+    nb = kernels._blocks(n)
+    runs = [kernels._kernels().capture(xs, bs, lo, hi, cap, nb, compress) for compress in (True, False)]
+    inside = ((keys >= lo) & (keys <= hi)).nonzero().flatten()
+    for above, counts, got_keys, index in runs:
+        assert int(above.sum()) == int((keys > hi).sum()) and int(counts.sum()) == inside.numel()
+        starts = [kernels._kernels()._span(n, nb, b)[0] for b in range(nb)]
+        if cap >= n:
+            flat = torch.cat([torch.from_numpy(index[b, : counts[b]]).long() + starts[b] for b in range(nb)])
+            assert torch.equal(flat, inside)
+            got = torch.cat([torch.from_numpy(got_keys[b, : counts[b]].astype("int64")) for b in range(nb)])
+            assert torch.equal(got, keys[inside])
+    (_, c0, k0, i0), (_, c1, k1, i1) = runs
+    for b in range(nb):
+        m = min(int(c0[b]), cap)
+        assert (k0[b, :m] == k1[b, :m]).all() and (i0[b, :m] == i1[b, :m]).all()
 
 
 def test_all_zero_task_vectors_keep_the_first_k():
