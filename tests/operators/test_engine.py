@@ -220,3 +220,28 @@ def test_read_ahead_holds_at_most_its_budget(family, tmp_path, monkeypatch, budg
     run_merge(r, tmp_path / "plain")
     one, two = state(tmp_path / "out"), state(tmp_path / "plain")
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+@pytest.mark.parametrize("method, leaves_a_core", [("linear", True), ("ties", False)])
+def test_torch_path_merges_leave_a_core_to_the_reader(family, tmp_path, monkeypatch, method, leaves_a_core):
+    from evomerge.operators import engine
+
+    base, a, b, _ = family
+    extra = f"base_model: {base}\nparameters: {{{{density: 0.5}}}}\n" if method == "ties" else ""
+    r = recipe("merge_method: {m}\nmodels: [{{model: {a}}}, {{model: {b}}}]\n" + extra, m=method, a=a, b=b)
+    seen: set[int] = set()
+    merge = engine.merge_planned
+
+    def recording(*args):
+        seen.add(torch.get_num_threads())
+        return merge(*args)
+
+    monkeypatch.setattr(engine, "merge_planned", recording)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        run_merge(r, tmp_path / "out")
+        assert seen == ({2} if leaves_a_core else {3})
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
