@@ -24,7 +24,9 @@ and callers then use the torch path.
 from __future__ import annotations
 
 import math
+import sys
 import threading
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -55,9 +57,7 @@ def warm_in_background() -> None:
 
 
 def _warm() -> None:
-    if available():
-        x = np.zeros(8, dtype=np.uint16)
-        _kernels().sample_keys(x, x, 1)  # a serial kernel: OpenMP starts in the merge's thread
+    available()
 
 
 def supports(tensors: list[Tensor], base: Tensor | None) -> bool:
@@ -239,7 +239,46 @@ def task_arithmetic(
 
 @cache
 def _kernels() -> Any:
-    """Compile (or load from the on-disk cache) the numba kernels; ImportError without numba."""
+    """Import the numba kernels and run one (loading its compiled code, from the on-disk
+    cache after the first run): ImportError without numba. The first kernel call of a
+    process starts numba's compiler machinery, without its BLAS probe."""
     from evomerge.operators import _numba_kernels
 
+    x = np.zeros(8, dtype=np.uint16)
+    _without_blas_probe(lambda: _numba_kernels.sample_keys(x, x, 1))  # serial: OpenMP starts later
     return _numba_kernels
+
+
+_PROBE = "ensure_blas"  # numba.np.linalg's check that scipy's BLAS is importable
+
+
+def _without_blas_probe(first_call: Callable[[], object]) -> None:
+    """Run numba's first compilation with its BLAS probe answering no.
+
+    That compilation imports numba.np.arraymath, which imports scipy.linalg (0.15-0.2 s
+    with the GIL held, on the merge's critical path) only to learn whether np.correlate
+    may use BLAS; these kernels use no BLAS. np.correlate in numba code of this process
+    then takes its own loop (the same values); everything else, np.dot included, probes
+    again when compiled. Nothing changes when the probe has run or scipy.linalg is
+    already imported."""
+    if "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
+        first_call()
+        return
+    from numba.np import linalg
+
+    probe = getattr(linalg, _PROBE, None)
+    if probe is None:  # another numba: leave it alone
+        first_call()
+        return
+
+    def no_blas() -> None:
+        raise ImportError("BLAS probe skipped by evomerge")
+
+    setattr(linalg, _PROBE, no_blas)
+    try:
+        first_call()
+    finally:
+        setattr(linalg, _PROBE, probe)
+        arraymath = sys.modules.get("numba.np.arraymath")
+        if arraymath is not None and getattr(arraymath, _PROBE, None) is no_blas:
+            setattr(arraymath, _PROBE, probe)

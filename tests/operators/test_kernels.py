@@ -166,3 +166,22 @@ def test_the_kernels_leave_torch_thread_count_alone():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
+
+
+def test_the_kernels_start_without_scipy_and_leave_numba_whole():
+    """The first kernel call skips numba's BLAS probe (no scipy.linalg import), then
+    puts the probe back: numba code using BLAS still compiles and runs in the process."""
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from numba import njit\n"
+        "from numba.np import linalg\n"
+        "probe = linalg.ensure_blas\n"
+        "from evomerge.operators import kernels\n"
+        "assert kernels.available()\n"
+        "print('scipy.linalg' in sys.modules, linalg.ensure_blas is probe)\n"
+        "dot = njit(lambda a, b: np.dot(a, b))\n"
+        "print(dot(np.ones((2, 3)), np.ones((3, 2)))[0, 0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "3.0"]
