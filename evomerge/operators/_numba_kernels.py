@@ -274,16 +274,16 @@ DIGIT = 13  # bits per radix pass of the selection (a block's histogram: 32 KiB)
 @njit(parallel=True, cache=True, nogil=True)
 def kth_largest(keys, counts, low, span, j):
     """(T, greater, equal) for the j-th largest (1-based) of the captured keys (row b
-    holds counts[b] of them, all within [low, low + span]): radix selection over
-    key - low from the top digit down, each pass counting (block by block, in
-    parallel) only the keys that share the digits chosen so far."""
+    holds counts[b] of them, all within [low, low + span]), and how many keys equal T
+    in each row: radix selection over key - low from the top digit down, each pass
+    counting (row by row, in parallel) only the keys that share the digits chosen so far."""
     nb = counts.size
     done = 1  # bits of key - low not yet decided: those below ``done`` (span < 2^done)
     while (span >> done) > 0:
         done += 1
     prefix = 0  # the decided high bits of key - low
     above = 0  # keys greater than every key with this prefix
-    equal = 0
+    equal = np.zeros(nb, np.int64)
     while done > 0:
         shift = max(0, done - DIGIT)
         width = done - shift
@@ -295,24 +295,28 @@ def kth_largest(keys, counts, low, span, j):
                 d = np.int64(row[c]) - low
                 if d >> done == prefix:
                     hb[(d >> shift) & ((1 << width) - 1)] += 1
-        total = hist.sum(axis=0, dtype=np.int64)
+        total = hist.sum(axis=0)
         digit = (1 << width) - 1
         while above + total[digit] < j:
             above += total[digit]
             digit -= 1
-        equal = total[digit]
+        equal[:] = hist[:, digit]
         prefix = (prefix << width) | digit
         done = shift
     return low + prefix, above, equal
 
 
 @njit(cache=True, nogil=True)
-def tie_index(keys, index, counts, key, keep, n):
-    """The flat index of the ``keep``-th captured entry (in index order) equal to ``key``
-    (``capture``'s indices count from each block's start, of n elements in all)."""
+def tie_index(keys, index, counts, equal, key, keep, n):
+    """The flat index of the ``keep``-th captured entry (in index order) equal to ``key``;
+    ``equal`` counts them row by row (``capture``'s indices count from each block's
+    start, of n elements in all): only the row holding it is scanned."""
     nblocks = counts.size
     seen = 0
     for b in range(nblocks):
+        if seen + equal[b] < keep:
+            seen += equal[b]
+            continue
         for c in range(counts[b]):
             if keys[b, c] == key:
                 seen += 1

@@ -158,11 +158,11 @@ def _threshold_by_sample(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int)
     j = k - int(above.sum())
     if not 0 < j <= int(counts.sum()):
         return None
-    key, greater, ties = (int(v) for v in kern.kth_largest(keys, counts, lo_key, hi_key - lo_key, j))
-    keep = j - greater
-    if keep >= ties:
-        return key, n
-    return key, int(kern.tie_index(keys, index, counts, key, keep, n)) + 1
+    key, greater, equal = kern.kth_largest(keys, counts, lo_key, hi_key - lo_key, j)
+    keep = j - int(greater)
+    if keep >= int(equal.sum()):
+        return int(key), n
+    return int(key), int(kern.tie_index(keys, index, counts, equal, key, keep, n)) + 1
 
 
 def _threshold_by_histograms(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int) -> tuple[int, int]:
