@@ -255,9 +255,9 @@ _PROBE = "ensure_blas"  # numba.np.linalg's check that scipy's BLAS is importabl
 def _without_blas_probe(first_call: Callable[[], object]) -> None:
     """Run numba's first compilation with its BLAS probe answering no.
 
-    That compilation imports numba.np.arraymath, which imports scipy.linalg (0.15-0.2 s
-    with the GIL held, on the merge's critical path) only to learn whether np.correlate
-    may use BLAS; these kernels use no BLAS. np.correlate in numba code of this process
+    That compilation imports numba.np.arraymath, which imports scipy.linalg only to
+    learn whether np.correlate may use BLAS (measured: 0.08 s of numba's 0.49 s start,
+    with the GIL held, on the merge's critical path); these kernels use no BLAS. np.correlate in numba code of this process
     then takes its own loop (the same values); everything else, np.dot included, probes
     again when compiled. Nothing changes when the probe has run or scipy.linalg is
     already imported."""
