@@ -257,10 +257,10 @@ def _without_blas_probe(first_call: Callable[[], object]) -> None:
 
     That compilation imports numba.np.arraymath, which imports scipy.linalg only to
     learn whether np.correlate may use BLAS (measured: 0.08 s of numba's 0.49 s start,
-    with the GIL held, on the merge's critical path); these kernels use no BLAS. np.correlate in numba code of this process
-    then takes its own loop (the same values); everything else, np.dot included, probes
-    again when compiled. Nothing changes when the probe has run or scipy.linalg is
-    already imported."""
+    with the GIL held, on the merge's critical path); these kernels use no BLAS.
+    np.correlate in numba code of this process then takes its own loop (the same
+    values); everything else, np.dot included, probes again when compiled. Nothing
+    changes when the probe has run or scipy.linalg is already imported."""
     if "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
         first_call()
         return
