@@ -50,13 +50,17 @@ def two(a: Path, b: Path, method: str = "linear", params: str = "") -> str:
     return f"merge_method: {method}\nmodels:\n  - model: {a}\n  - model: {b}\n{params}"
 
 
+def weighted(a: Path, b: Path, wa: str, wb: str, params: str = "") -> str:
+    """A linear recipe of two models with the given weights."""
+    return (
+        f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: {wa}}}}}\n"
+        f"  - {{model: {b}, parameters: {{weight: {wb}}}}}\n{params}"
+    )
+
+
 def test_weights_summing_to_zero(family, tmp_path, capsys):
     base, a, b, _ = family
-    text = (
-        f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 1.0}}}}\n"
-        f"  - {{model: {b}, parameters: {{weight: -1.0}}}}\n"
-    )
-    assert "sum to ~0" in run_bad(tmp_path, text, capsys)
+    assert "sum to ~0" in run_bad(tmp_path, weighted(a, b, "1.0", "-1.0"), capsys)
 
 
 def test_density_out_of_range(family, tmp_path, capsys):
@@ -199,10 +203,7 @@ def test_non_finite_input_is_named(family, tmp_path, capsys, method, where):
 
 def test_non_finite_result(family, tmp_path, capsys):
     _, a, b, _ = family
-    text = (
-        f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 3.0e+38}}}}\n"
-        f"  - {{model: {b}, parameters: {{weight: 3.0e+38}}}}\nparameters: {{normalize: false}}\n"
-    )
+    text = weighted(a, b, "3.0e+38", "3.0e+38", "parameters: {normalize: false}\n")
     assert "produced NaN or Inf" in run_bad(tmp_path, text, capsys)
 
 
