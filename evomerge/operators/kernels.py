@@ -53,11 +53,7 @@ def warm_in_background() -> None:
     """Import numba and start its machinery on a daemon thread (about 0.4 s, nearly all
     numba's own start-up), so that a merge's first kernel call need not wait for it
     while the first tensors are read."""
-    threading.Thread(target=_warm, name="evomerge-kernels", daemon=True).start()
-
-
-def _warm() -> None:
-    available()
+    threading.Thread(target=available, name="evomerge-kernels", daemon=True).start()
 
 
 def supports(tensors: list[Tensor], base: Tensor | None) -> bool:
