@@ -15,9 +15,10 @@ import json
 import time
 from pathlib import Path
 
-from evomerge.experiments.config import ExperimentConfig, MergeSpace
+from evomerge.experiments.config import ExperimentConfig
 from evomerge.fitness.evaluate import FitnessConfig
 from evomerge.fitness.zoo import default_zoo_dir, ensure_zoo, load_zoo
+from evomerge.search.merge_space import MergeSpace
 from evomerge.search.space import SearchSpace
 from evomerge.search.worker import Job, MergeWorker, WorkerSpec
 

@@ -15,7 +15,7 @@ Command = Callable[[argparse.Namespace], int]
 def _merge(args: argparse.Namespace) -> int:
     from evomerge.operators.engine import resolve_model_path, run_merge
     from evomerge.operators.recipe import Recipe
-    from evomerge.progress import bar
+    from evomerge.progressbar import bar
 
     recipe = Recipe.from_yaml(args.recipe)
     recipe_dir = Path(args.recipe).resolve().parent
@@ -136,7 +136,9 @@ def _print_summary(summary: dict, out: Path) -> None:
         print(f"{name:24s} {fmt(row['fitness']):>8s} {fmt(row['test_fitness']):>8s}")
     t = summary["trials"]
     print(
-        f"\ntrials: {t['complete']} complete, {t['pruned']} pruned, {t['failed']} failed; "
+        f"\ntrials: {t['complete']} complete, {t['pruned']} pruned, {t['failed']} failed"
+        + (f", {t['interrupted']} interrupted and retried" if t.get("interrupted") else "")
+        + "; "
         f"workers busy {summary['worker_busy_fraction']:.0%}; {summary['wall_seconds']:.0f} s"
     )
     print(f"results: {out / 'summary.json'}")
@@ -189,7 +191,7 @@ def _status(args: argparse.Namespace) -> int:
 
     info = trial_table(Path(args.run_dir), top=args.top)
     states = ", ".join(f"{n.lower()} {c}" for n, c in sorted(info["states"].items()))
-    print(f"experiment {info['experiment']}: {sum(info['states'].values())}/{info['budget']} trials ({states})")
+    print(f"experiment {info['experiment']}: {info['counted']}/{info['budget']} trials ({states})")
     stacks = info["stacks"]
     print(f"{'trial':>6s} {'fitness':>9s}  {'layer stack' if stacks else 'params'}")
     for i, row in enumerate(info["top"]):

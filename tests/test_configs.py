@@ -56,3 +56,27 @@ def test_bad_configs_name_the_field(tmp_path, text, message):
     with pytest.raises(EvomergeError, match=message) as info:
         load_config(p)
     assert "c.yaml" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("split", ["search", "validation", "test"])
+def test_the_lm_eval_config_ships_tasks_that_load(split):
+    """configs/llama_ties_lmeval.yaml names local lm-eval task YAMLs: they exist, evomerge
+    counts their documents, and lm-eval itself loads each split from the JSONL beside them."""
+    import json
+
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from evomerge.fitness.evaluate import Evaluator
+    from evomerge.fitness.lmeval import _task_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "llama_ties_lmeval.yaml")
+    evaluator = Evaluator(cfg.fitness, base_dir=cfg.source_dir, split=split)
+    assert set(evaluator.lm_tasks) == {"arith", "code"}
+    for name, spec in evaluator.lm_tasks.items():
+        assert spec.yaml_path is not None and spec.yaml_path.is_file()
+        data = spec.yaml_path.parent / f"{name}.{split}.jsonl"
+        rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+        assert len(evaluator.order[name]) == len(rows) == 8
+        manager = TaskManager(include_path=str(spec.yaml_path.parent), include_defaults=False)
+        task = next(iter(get_task_dict([_task_config(spec, split)], manager).values()))
+        assert [doc["prompt"] for doc in task.eval_docs] == [row["prompt"] for row in rows]

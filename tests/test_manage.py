@@ -10,6 +10,7 @@ import yaml
 from evomerge.cli import main
 from evomerge.experiments.run import RunOptions, run_experiment
 
+from .cli import run_cli
 from .search.conftest import tiny_config
 
 
@@ -125,14 +126,18 @@ def test_status_lists_the_top_trials(finished_run, capsys):
     assert "6/6 trials" in out and "complete 6" in out and "finished: best trial" in out
 
 
-def test_resume_refuses_a_changed_config_and_shows_the_difference(finished_run, capsys):
+def test_resume_refuses_a_changed_config_and_shows_the_difference(finished_run):
     cfg_path = finished_run / "config.yaml"
-    data = yaml.safe_load(cfg_path.read_text())
+    original = cfg_path.read_text()
+    data = yaml.safe_load(original)
     data["search"]["trials"] = 8
     cfg_path.write_text(yaml.safe_dump(data))
-    assert main(["resume", str(finished_run), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "changed since the run started" in err and "trials: 8" in err and "Traceback" not in err
+    try:
+        res = run_cli("resume", str(finished_run), "--quiet")  # as the user sees it: a separate process
+    finally:
+        cfg_path.write_text(original)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "changed since the run started" in res.stderr and "trials: 8" in res.stderr
 
 
 def test_export_of_a_missing_run_is_one_line(tmp_path, capsys):

@@ -51,21 +51,38 @@ def test_every_trial_is_a_child_run_and_resume_adds_no_duplicates(tiny_zoo, tmp_
     assert len([r for r in runs if r.data.tags.get("evomerge.kind") == "source"]) == 4  # not logged twice
 
 
-@pytest.mark.parametrize("state", ["FAIL"])
-def test_failed_trials_are_recorded_failed(tiny_zoo, tmp_path, monkeypatch, state):
-    monkeypatch.setenv("EVOMERGE_TEST_FAULTS", "2=raise")
-    from evomerge.experiments import run as run_mod
+@pytest.mark.parametrize(
+    "fault, error", [("raise", "injected merge failure"), ("nan", "the fitness is NaN"), (None, None)]
+)
+def test_each_child_run_carries_its_trials_state(tiny_zoo, tmp_path, monkeypatch, fault, error):
+    """Every child run's state tag and MLflow status follow its trial: a merge that raised
+    and a NaN fitness are FAIL / FAILED with the error; with pruning on, pruned trials are
+    PRUNED / KILLED and complete ones COMPLETE / FINISHED."""
+    import optuna
 
     from .search.faulty import FaultyWorker
 
+    if fault:
+        monkeypatch.setenv("EVOMERGE_TEST_FAULTS", f"2={fault}")
     monkeypatch.setattr("evomerge.search.dispatch.MergeWorker", FaultyWorker)
     uri = f"sqlite:///{tmp_path / 'store.db'}"
-    run_mod.run_experiment(
-        tiny_config(tiny_zoo, name="faults").resolved(),
+    over = {} if fault else {"search__pruning": {"enabled": True}, "search__sampler": "random", "search__trials": 12}
+    run_experiment(
+        tiny_config(tiny_zoo, name="faults", **over).resolved(),
         tmp_path / "run",
         RunOptions(quiet=True, in_process=True, tracking_uri=uri),
     )
     _, runs = _runs(uri, "faults")
-    failed = [r for r in runs if r.data.tags.get("trial") == "2"]
-    assert failed[0].data.tags["state"] == state and failed[0].info.status == "FAILED"
-    assert failed[0].data.tags["error"] == "injected merge failure"
+    children = {int(r.data.tags["trial"]): r for r in runs if "trial" in r.data.tags}
+    study = optuna.load_study(study_name="faults", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+    assert sorted(children) == [t.number for t in study.trials]
+    for t in study.trials:
+        assert children[t.number].data.tags["state"] == t.state.name
+        assert children[t.number].info.status == status[t.state.name]
+    states = {t.state.name for t in study.trials}
+    if fault:
+        assert study.trials[2].state.name == "FAIL" and children[2].data.tags["error"] == error
+        assert states == {"COMPLETE", "FAIL"}
+    else:
+        assert states == {"COMPLETE", "PRUNED"}

@@ -16,56 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.errors import EvomergeError
 from evomerge.fitness.evaluate import FitnessConfig
-from evomerge.operators.recipe import DTYPES, load_yaml
+from evomerge.operators.recipe import load_yaml
+from evomerge.search.merge_space import Bounds, MergeSpace
 
 ZOO_PREFIX = "zoo:"
-
-
-class Bounds(BaseModel):
-    """A searched parameter's range (``low`` to ``high``), or a fixed ``value``."""
-
-    model_config = ConfigDict(extra="forbid")
-    low: float | None = None
-    high: float | None = None
-    value: float | bool | None = None
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _either(self) -> Bounds:
-        if self.value is None and (self.low is None) != (self.high is None):
-            raise ValueError("give both low and high, or a fixed value")
-        if self.low is not None and self.high is not None and not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
-        return self
-
-
-class MergeSpace(BaseModel):
-    """Which merges the search may propose."""
-
-    model_config = ConfigDict(extra="forbid")
-    method: str | list[str] = "task_arithmetic"
-    parameters: dict[str, Bounds | float | bool] = Field(default_factory=dict)
-    granularity: Literal["model", "filters"] | int = "model"
-    filters: list[str] = Field(default_factory=lambda: ["self_attn", "mlp"])
-    dtype: str = "float32"
-
-    @property
-    def methods(self) -> list[str]:
-        return [self.method] if isinstance(self.method, str) else list(self.method)
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, value: str) -> str:
-        if value not in DTYPES:
-            raise ValueError(f"unknown dtype '{value}'; use one of {', '.join(DTYPES)}")
-        return value
-
-    @field_validator("granularity")
-    @classmethod
-    def _granularity(cls, value: Any) -> Any:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("a layer-group granularity must be at least 1 layer")
-        return value
 
 
 class LayerStack(BaseModel):
@@ -140,6 +94,8 @@ class ExperimentConfig(BaseModel):
     workers: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads_per_worker: int | None = Field(None, ge=1)
+    # how long the workers may take to start (placed by Ray, sources loaded) before the run stops
+    worker_start_timeout_s: float = Field(900.0, gt=0)
 
     # set by load(): the directory relative paths are resolved against
     source_dir: Path = Field(default=Path("."), exclude=True)

@@ -64,6 +64,11 @@ def export_trial(
     if not 0 <= number < len(study.trials) or study.trials[number].state.name != "COMPLETE":
         raise EvomergeError(f"{path}: trial {number} is not a complete trial of this run")
     frozen = study.trials[number]
+    if register:  # a store that cannot take the registration is refused before anything is written
+        from evomerge.experiments.tracking import open_client
+        from evomerge.experiments.tracking import tracking_uri as resolve_uri
+
+        open_client(resolve_uri(tracking_uri))
     prep = prepare(cfg, log=lambda _: None)
     named = recipe_with_paths(prep.space.recipe(frozen.params).to_dict(), prep.paths)
     recipe = Recipe.from_dict(named, f"trial {number}")

@@ -29,7 +29,14 @@ def config_for_resume(path: Path, *, force: bool = False) -> ExperimentConfig:
 
 
 def _started_config(run: RunDir) -> str | None:
-    return run.started_config.read_text() if run.started_config.is_file() else None
+    """The config the run started with, read through today's schema (a setting added
+    since, at its default, is no change)."""
+    if not run.started_config.is_file():
+        return None
+    try:
+        return load_config(run.started_config).to_yaml()
+    except EvomergeError:
+        return run.started_config.read_text()
 
 
 def trial_table(path: Path, top: int = 10) -> dict[str, Any]:
@@ -40,15 +47,20 @@ def trial_table(path: Path, top: int = 10) -> dict[str, Any]:
     run = RunDir(path)
     cfg = load_config(run.config)
     study = optuna.load_study(study_name=cfg.name, storage=run.storage)
+    from evomerge.search.loop import is_interrupted
+
     states: dict[str, int] = {}
     for t in study.trials:
-        states[t.state.name] = states.get(t.state.name, 0) + 1
+        name = "INTERRUPTED" if is_interrupted(t) else t.state.name
+        states[name] = states.get(name, 0) + 1
+    counted = sum(states.get(s, 0) for s in ("COMPLETE", "PRUNED", "FAIL"))  # what the budget counts
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     done.sort(key=lambda t: -(t.values[0] if t.values else float("-inf")))
     summary = json.loads(run.summary.read_text()) if run.summary.is_file() else None
     return {
         "experiment": cfg.name,
         "budget": cfg.search.trials,
+        "counted": counted,
         "states": states,
         "top": [{"trial": t.number, "values": t.values, "params": t.params} for t in done[:top]],
         "stacks": _stacks(cfg, [t.params for t in done[:top]]),

@@ -160,6 +160,17 @@ def open_study(cfg: ExperimentConfig, run: RunDir, prep: Prepared):
     return study
 
 
+def _check_local_device(prep: Prepared, options: RunOptions) -> None:
+    """``device: cuda`` on a machine without CUDA, when this machine runs the workers (a
+    local Ray or in-process): refused before the run directory is touched. On a cluster
+    the dispatcher asks the cluster instead."""
+    import torch
+
+    on_cluster = not options.in_process and (options.ray_address or os.environ.get("RAY_ADDRESS"))
+    if prep.cfg.device == "cuda" and not on_cluster and not torch.cuda.is_available():
+        raise EvomergeError("device: cuda, but this machine has no CUDA device (and no --ray-address was given)")
+
+
 def make_dispatcher(prep: Prepared, options: RunOptions):
     if options.in_process:
         from evomerge.search.dispatch import InProcessDispatcher
@@ -171,7 +182,13 @@ def make_dispatcher(prep: Prepared, options: RunOptions):
     env = {"PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)}
     cpus = None if options.ray_address else max(os.cpu_count() or 1, prep.workers * (prep.spec.threads or 1))
     init_ray(options.ray_address, cpus, env_vars=env)
-    return RayDispatcher(prep.spec, prep.workers, gpus=prep.gpus, job_timeout=prep.cfg.search.trial_timeout_s)
+    return RayDispatcher(
+        prep.spec,
+        prep.workers,
+        gpus=prep.gpus,
+        job_timeout=prep.cfg.search.trial_timeout_s,
+        start_timeout=prep.cfg.worker_start_timeout_s,
+    )
 
 
 def run_jobs(dispatcher, jobs: list[Job]) -> dict[int, JobResult]:
@@ -195,10 +212,9 @@ def _source_recipe(space: Space, ref: str, dtype: str) -> dict[str, Any]:
 
 def recipe_with_paths(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
     """A recipe with model refs replaced by their directories (what mergekit needs)."""
-    text = json.dumps(recipe)
-    for ref, path in sorted(paths.items(), key=lambda kv: -len(kv[0])):
-        text = text.replace(json.dumps(ref), json.dumps(path))
-    return json.loads(text)
+    from evomerge.operators.recipe import Recipe
+
+    return Recipe.from_dict(recipe).with_models(paths).to_dict()
 
 
 def finalize(
@@ -270,11 +286,16 @@ def _scored_sources(cfg: ExperimentConfig) -> list[str]:
 
 
 def _trial_counts(study) -> dict[str, int]:
-    """Finished trials of the whole study (earlier sessions of a resumed run included)."""
-    counts = {"complete": 0, "pruned": 0, "failed": 0}
+    """Finished trials of the whole study (earlier sessions of a resumed run included);
+    ``interrupted``: cut short by a crash, retried, not counted in the budget."""
+    from evomerge.search.loop import is_interrupted
+
+    counts = {"complete": 0, "pruned": 0, "failed": 0, "interrupted": 0}
     names = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
     for t in study.get_trials(deepcopy=False):
-        if t.state.name in names:
+        if is_interrupted(t):
+            counts["interrupted"] += 1
+        elif t.state.name in names:
             counts[names[t.state.name]] += 1
     return counts
 
@@ -309,6 +330,7 @@ def run_experiment(
     log = (lambda _msg: None) if options.quiet else print
     run = RunDir(out)
     prep = prepare(cfg, options.workers, log=log)
+    _check_local_device(prep, options)
     if options.track:  # a bad tracking store is refused before the run directory is touched
         from evomerge.experiments.tracking import open_client, tracking_uri
 
@@ -319,14 +341,17 @@ def run_experiment(
     try:
         return _run_session(cfg, run, prep, options, resume, log, runlog)
     except BaseException as err:
-        runlog(f"session failed: {type(err).__name__}: {err}")
+        try:
+            runlog(f"session failed: {type(err).__name__}: {err}")
+        except EvomergeError:
+            pass  # the log itself cannot be written: the error below says why the session stopped
         raise
     finally:
         runlog.close()
 
 
 def _run_session(cfg, run: RunDir, prep: Prepared, options: RunOptions, resume: bool, log, runlog: RunLog):
-    from evomerge.experiments.progress import ProgressObserver
+    from evomerge.experiments.monitor import ProgressObserver
 
     runlog(f"session start ({'resume' if resume else 'run'}; {prep.workers} worker(s), budget {cfg.search.trials})")
 

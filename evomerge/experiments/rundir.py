@@ -65,7 +65,10 @@ class RunDir:
                 raise EvomergeError(
                     f"{self.path}: holds a run with another config (use 'evomerge resume' or a new --out)"
                 )
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise cannot_write(self.path, err) from None
         write_atomic(self.config, text)
         if not self.started_config.exists():
             write_atomic(self.started_config, text)
@@ -78,15 +81,22 @@ class RunLog:
     no line already written."""
 
     def __init__(self, path: Path):
-        self.fh = path.open("a", buffering=1)
+        self.path = path
+        try:
+            self.fh = path.open("a", buffering=1)
+        except OSError as err:
+            raise cannot_write(path, err) from None
 
     def __call__(self, message: str) -> None:
         from datetime import datetime, timezone
 
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        for line in message.splitlines() or [""]:
-            self.fh.write(f"{stamp} {line}\n")
-        self.fh.flush()
+        try:
+            for line in message.splitlines() or [""]:
+                self.fh.write(f"{stamp} {line}\n")
+            self.fh.flush()
+        except OSError as err:
+            raise cannot_write(self.path, err) from None
 
     def trial(self, record, stats) -> None:
         """A search-loop observer."""
@@ -96,7 +106,10 @@ class RunLog:
         self(f"trial {record.number} {record.state}{value}{timing}{error}")
 
     def close(self) -> None:
-        self.fh.close()
+        try:
+            self.fh.close()
+        except OSError:
+            pass  # a line that could not be written was reported when it was written
 
 
 def _open_existing(path: Path):
@@ -142,17 +155,28 @@ def holds_study(path: Path, name: str) -> bool:
         con.close()
 
 
+def cannot_write(path: Path, err: OSError) -> EvomergeError:
+    """An OSError while writing (a read-only or full disk, no permission) as one line naming the file."""
+    return EvomergeError(f"{path}: cannot write ({err.strerror or err})")
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Write ``text`` to ``path`` through a temporary file and a rename; an OSError becomes
+    one line naming ``path``, and no temporary file is left."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as err:
+        raise cannot_write(path, err) from None
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise cannot_write(path, err) from None
         raise
 
 

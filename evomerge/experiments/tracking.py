@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from evomerge.errors import EvomergeError
 from evomerge.experiments.config import ExperimentConfig
 from evomerge.experiments.rundir import RunDir, check_sqlite, write_json
 from evomerge.search.loop import SearchStats, TrialRecord, record_from_trial
@@ -42,11 +43,16 @@ def open_client(uri: str):
     tables on first use, and two processes doing so at once fail ("table ... already
     exists", "duplicate column name"); a file lock beside the database serialises that."""
     import fcntl
+    import logging
 
     from mlflow.tracking import MlflowClient
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+
     if not uri.startswith("sqlite:///"):
-        return MlflowClient(uri)
+        client = MlflowClient(uri)
+        _probe(client, uri)
+        return client
     db = Path(uri[len("sqlite:///") :])
     check_sqlite(db, "MLflow tracking store")
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +65,35 @@ def open_client(uri: str):
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return client
+
+
+def _probe(client, uri: str) -> None:
+    """Refuse a tracking store that does not answer, at once (MLflow retries an HTTP store
+    with backoff for minutes): one request, no retries, a 10-second timeout."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as err:  # MlflowException, requests' and SQLAlchemy's errors alike
+        raise EvomergeError(f"tracking store {uri}: cannot be reached ({_reason(err)})") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _reason(err: BaseException) -> str:
+    """The gist of a connection error: its errno text when it has one, else its first line."""
+    import re
+
+    text = str(err)
+    found = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    if found:
+        return found.group(0).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:200]
 
 
 def mlflow_key(name: str) -> str:

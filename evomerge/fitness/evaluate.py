@@ -180,9 +180,9 @@ class Evaluator:
         )
 
     def _lm_eval_size(self, lm: LmEvalTask) -> int:
-        raise EvomergeError(
-            f"lm-eval task '{lm.task}': give data: files or samples: so evomerge knows which documents to score"
-        )
+        from evomerge.fitness.lmeval import document_count
+
+        return document_count(lm, self.split)
 
     def _pick(self, name: str, n: int) -> list[int]:
         """A seeded permutation of the split (its first ``samples`` entries when set)."""
@@ -247,16 +247,3 @@ class Evaluator:
         if name not in self._encoded:
             self._encoded[name] = encode(tokenizer, [self.items[name][i] for i in self.order[name]])
         return self._encoded[name]
-
-
-def accuracy_table(model, tokenizer, files: dict[str, dict[str, Path]]) -> dict[str, dict[str, float]]:
-    """Native accuracy of ``model`` on every task and split given as JSONL files."""
-    from evomerge.fitness.native import encode, score
-
-    out: dict[str, dict[str, float]] = {}
-    for task, splits in files.items():
-        out[task] = {}
-        for split, path in splits.items():
-            hits = score(model, encode(tokenizer, read_jsonl(path)))
-            out[task][split] = round(float(hits.float().mean()), 4)
-    return out

@@ -52,7 +52,47 @@ def _task_config(spec: LmEvalTask, split: str) -> dict | str:
         raise EvomergeError(f"{path}: an lm-eval task YAML needs a 'task' field")
     cfg = dict(cfg)
     cfg["test_split"] = split
+    kwargs = cfg.get("dataset_kwargs")
+    if isinstance(kwargs, dict) and "data_files" in kwargs:  # local files: relative to the YAML, not the cwd
+        cfg["dataset_kwargs"] = {**kwargs, "data_files": _beside(path.parent, kwargs["data_files"])}
     return cfg
+
+
+def _beside(folder: Path, files):
+    """``data_files`` (a path, a list, or a mapping of splits to either) with relative
+    local paths made absolute against ``folder``; URLs and absolute paths unchanged."""
+    if isinstance(files, dict):
+        return {k: _beside(folder, v) for k, v in files.items()}
+    if isinstance(files, list):
+        return [_beside(folder, v) for v in files]
+    if isinstance(files, str) and "://" not in files and not Path(files).expanduser().is_absolute():
+        return str((folder / files).resolve())
+    return files
+
+
+def document_count(spec: LmEvalTask, split: str) -> int:
+    """How many documents ``split`` of a task holds: the lines of a local JSON(L) data
+    file when the YAML names one for that split, else what lm-eval loads."""
+    config = _task_config(spec, split)
+    if isinstance(config, dict) and config.get("dataset_path") == "json":
+        files = (config.get("dataset_kwargs") or {}).get("data_files")
+        file = files.get(split) if isinstance(files, dict) else None
+        if isinstance(file, str) and "://" not in file:
+            try:
+                with open(file, encoding="utf-8") as fh:
+                    return sum(1 for line in fh if line.strip())
+            except OSError as err:
+                raise EvomergeError(f"{spec.task}: data file for split '{split}': {err.strerror}: {file}") from None
+    _offline()
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    folder = str(spec.yaml_path.parent) if spec.yaml_path is not None else None
+    manager = TaskManager(include_path=folder, include_defaults=spec.yaml_path is None)
+    try:
+        task = next(iter(get_task_dict([config], manager).values()))
+        return len(list(task.eval_docs))
+    except Exception as err:  # lm-eval raises many kinds for unknown or broken tasks
+        raise EvomergeError(f"lm-eval task '{spec.task}': cannot count its '{split}' documents: {err}") from None
 
 
 class LmEvalScorer:

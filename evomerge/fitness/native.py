@@ -13,9 +13,11 @@ import copy
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from evomerge.fitness.data import read_jsonl
 from evomerge.fitness.tasks import Item
 
 
@@ -124,3 +126,14 @@ def score(model, batch: Encoded, *, batch_size: int = 160) -> torch.Tensor:
         hit[answer] = head(hidden[answer]).argmax(-1) == target[answer]
         hits[rows] = hit.all(dim=1).cpu()
     return hits
+
+
+def accuracy_table(model, tokenizer, files: dict[str, dict[str, Path]]) -> dict[str, dict[str, float]]:
+    """Native accuracy of ``model`` on every task and split given as JSONL files."""
+    out: dict[str, dict[str, float]] = {}
+    for task, splits in files.items():
+        out[task] = {}
+        for split, path in splits.items():
+            hits = score(model, encode(tokenizer, read_jsonl(path)))
+            out[task][split] = round(float(hits.float().mean()), 4)
+    return out

@@ -202,7 +202,7 @@ def build_zoo(
 
 
 def _build(out: Path, recipe: ZooRecipe, start: float, log: Callable[[str], None]) -> dict:
-    from evomerge.fitness.evaluate import accuracy_table
+    from evomerge.fitness.native import accuracy_table
     from evomerge.operators.writer import atomic_directory
 
     out = out.resolve()

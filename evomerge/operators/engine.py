@@ -138,9 +138,21 @@ def open_sources(recipe: Recipe, resolver: ModelResolver, allow_pickle: bool) ->
 
 
 def _pick_device(device: str) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvomergeError("--device cuda was asked for but no CUDA device is available")
+    """``cpu``, ``cuda`` or ``cuda:N`` as a torch device that exists on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise EvomergeError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise EvomergeError(f"--device {device}: evomerge merges on cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvomergeError(f"--device {device}: no CUDA device is available on this machine")
+        count = torch.cuda.device_count()
+        if dev.index is not None and not 0 <= dev.index < count:
+            raise EvomergeError(
+                f"--device {device}: this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+            )
     return dev
 
 

@@ -148,6 +148,26 @@ class Recipe(BaseModel):
             names.append(self.tokenizer_source)
         return list(dict.fromkeys(names))
 
+    def with_models(self, names: dict[str, str]) -> Recipe:
+        """A copy whose model references (``base_model``, ``tokenizer_source``, every
+        ``models:`` and ``slices:`` source) are renamed by ``names``; nothing else changes,
+        even a parameter or filter that happens to equal a model's name."""
+
+        def rename(ref: str) -> str:
+            return names.get(ref, ref)
+
+        out = self.model_copy(deep=True)
+        if out.base_model is not None:
+            out.base_model = rename(out.base_model)
+        if out.tokenizer_source is not None and out.tokenizer_source != "base":
+            out.tokenizer_source = rename(out.tokenizer_source)
+        for m in out.models or []:
+            m.model = rename(m.model)
+        for sl in out.slices or []:
+            for src in sl.sources:
+                src.model = rename(src.model)
+        return out
+
     # ---- YAML ------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:

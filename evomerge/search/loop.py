@@ -252,25 +252,53 @@ def _recipe_key(recipe: dict[str, Any]) -> str | None:
     return json.dumps(recipe, sort_keys=True, default=str)
 
 
-def recover_interrupted(study, space: Space) -> int:
-    """Tell FAIL the trials an interrupted run left RUNNING, and enqueue each one's
-    parameters again (once); return how many trials have finished.
+MAX_INTERRUPTIONS = 3  # a parameter set interrupted this often is not retried again
 
-    A trial killed while its parameters were drawn (after ``ask``, before the last
-    suggestion) holds none or only some: it was never dispatched, so it is failed and
-    not retried (there is nothing to repeat; the sampler proposes afresh)."""
+
+def is_interrupted(trial) -> bool:
+    """A trial that a crash cut short: told FAIL on resume (or by an older version, a
+    FAIL that never stored a result). It does not count towards the budget."""
+    if trial.state.name != "FAIL":
+        return False
+    return bool(trial.user_attrs.get("interrupted")) or "result" not in trial.user_attrs
+
+
+def recover_interrupted(study, space: Space) -> int:
+    """Tell FAIL the trials an interrupted run left RUNNING, make sure each interrupted
+    parameter set has a retry queued, and return how many trials count towards the
+    budget: the evaluated ones (complete, pruned, or failed on their own), never the
+    interrupted ones, whose retries run in their place.
+
+    Safe to interrupt at any point and run again: the retry is queued before the
+    original is told FAIL, and an interrupted trial whose parameter set already has a
+    later trial (queued, running or finished) gets no second one. A trial killed while
+    its parameters were drawn (after ``ask``, before the last suggestion) holds none
+    or only some: it was never dispatched, so nothing is repeated and the sampler
+    proposes afresh. A parameter set interrupted ``MAX_INTERRUPTIONS`` times (a
+    candidate that takes its run down each time) is not queued again."""
     from optuna.trial import TrialState
 
-    finished = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.RUNNING:
-            study.tell(t.number, state=TrialState.FAIL)
-            if space.complete(t.params) and "retry_of" not in t.user_attrs:
-                study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-            finished += 1
+    trials = study.get_trials(deepcopy=False)
+    later: dict[int, int] = {}  # origin -> the highest trial number with that origin
+    cut: dict[int, int] = {}  # origin -> how many of its trials were interrupted
+    for t in trials:
+        origin = origin_of(t)
+        later[origin] = max(later.get(origin, -1), t.number)
+        if t.state == TrialState.RUNNING or is_interrupted(t):
+            cut[origin] = cut.get(origin, 0) + 1
+    counted = 0
+    for t in trials:
+        origin = origin_of(t)
+        if t.state == TrialState.RUNNING or is_interrupted(t):
+            retried = later[origin] > t.number
+            if not retried and space.complete(t.params) and cut[origin] < MAX_INTERRUPTIONS:
+                study.enqueue_trial(t.params, user_attrs={"retry_of": origin}, skip_if_exists=False)
+            if t.state == TrialState.RUNNING:
+                study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+                study.tell(t.number, state=TrialState.FAIL)
         elif t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
-            finished += 1
-    return finished
+            counted += 1
+    return counted
 
 
 def record_from_trial(trial, space: Space) -> TrialRecord:
@@ -280,7 +308,7 @@ def record_from_trial(trial, space: Space) -> TrialRecord:
     state = {"COMPLETE": "COMPLETE", "PRUNED": "PRUNED"}.get(trial.state.name, "FAIL")
     values = list(trial.values or [])
     value = (values[0] if len(values) == 1 else sum(values) / len(values)) if values else None
-    error = detail.get("error") or (None if state != "FAIL" or detail else "interrupted (the run was killed)")
+    error = detail.get("error") or ("interrupted (the run was killed)" if is_interrupted(trial) else None)
     return TrialRecord(
         trial.number,
         state,

@@ -10,15 +10,22 @@ its real start) has its actor killed and replaced, and comes back failed.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+from evomerge.errors import EvomergeError
 from evomerge.search.worker import Job, JobResult, MergeWorker, WorkerSpec
+
+START_TIMEOUT_S = 900.0  # how long the pool waits for its actors to start (loading the sources included)
 
 
 def init_ray(address: str | None, num_cpus: int | None, *, env_vars: dict[str, str] | None = None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local one bound to 127.0.0.1."""
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local one bound to 127.0.0.1.
+
+    An address where nothing answers is refused at once: Ray itself retries for many
+    minutes before it gives up."""
     import ray
 
     if ray.is_initialized():
@@ -29,9 +36,14 @@ def init_ray(address: str | None, num_cpus: int | None, *, env_vars: dict[str, s
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": env_vars} if env_vars else None
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        probe_address(address)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError ... here
+            raise EvomergeError(f"--ray-address {address}: cannot join the Ray cluster ({_last_line(err)})") from None
     else:
         ray.init(
+            address="local",  # a fresh instance, never a cluster that `ray start` left on this machine
             num_cpus=num_cpus,
             include_dashboard=False,
             runtime_env=runtime_env,
@@ -39,6 +51,30 @@ def init_ray(address: str | None, num_cpus: int | None, *, env_vars: dict[str, s
             _node_ip_address="127.0.0.1",
             configure_logging=False,
         )
+
+
+def probe_address(address: str, timeout: float = 5.0) -> None:
+    """Refuse a cluster address (``HOST:PORT`` or ``ray://HOST:PORT``) where no server
+    accepts a connection; ``auto`` and ``local`` are left to Ray."""
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise EvomergeError(f"--ray-address {address}: expected HOST:PORT or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise EvomergeError(f"--ray-address {address}: no Ray cluster answers there ({reason})") from None
+
+
+def _last_line(err: BaseException) -> str:
+    """The line of an error (often a remote traceback) that says what went wrong."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    causes = [line for line in lines if line.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return (causes or lines or [type(err).__name__])[-1]
 
 
 @dataclass
@@ -62,6 +98,7 @@ class RayDispatcher:
         max_retries: int = 1,
         worker_cls: type = MergeWorker,
         queue_depth: int = 2,
+        start_timeout: float = START_TIMEOUT_S,
     ):
         import ray
 
@@ -71,11 +108,13 @@ class RayDispatcher:
         self.job_timeout = job_timeout
         self.max_retries = max_retries
         cpus = spec.threads or 1
+        need = {"GPU": 1.0} if gpus else {"CPU": float(cpus)}
+        _check_offered(ray.nodes(), need)
         self._actor_cls: Any = ray.remote(num_cpus=0 if gpus else cpus, num_gpus=1 if gpus else 0, max_restarts=0)(
             worker_cls
         )
         self.actors: list[Any] = [self._start() for _ in range(workers)]
-        ray.get([a.ready.remote() for a in self.actors])  # the search clock starts with the pool ready
+        self._await_ready(need, start_timeout)  # the search clock starts with the pool ready
         self.free: list[int] = [slot for _ in range(queue_depth) for slot in range(workers)]
         self.running: dict[Any, _Running] = {}
         self.retry: list[Job] = []
@@ -83,6 +122,23 @@ class RayDispatcher:
 
     def _start(self):
         return self._actor_cls.remote(self.spec)
+
+    def _await_ready(self, need: dict[str, float], timeout: float) -> None:
+        """Wait for every actor to hold its sources; an actor that fails to start, or a
+        pool that cannot be placed within ``timeout``, is one clear error."""
+        refs = [a.ready.remote() for a in self.actors]
+        try:
+            self.ray.get(refs, timeout=timeout)
+        except self.ray.exceptions.GetTimeoutError:
+            self.close()
+            wanted = ", ".join(f"{v:g} {k}" for k, v in need.items())
+            raise EvomergeError(
+                f"workers: {self.workers} worker(s) of {wanted} each did not start within {timeout:.0f} s "
+                "(the Ray cluster has no free node for them; free resources or ask for fewer workers)"
+            ) from None
+        except self.ray.exceptions.RayError as err:
+            self.close()
+            raise EvomergeError(f"workers: a worker could not start: {_last_line(err)}") from None
 
     def idle(self) -> int:
         return len(self.free) - len(self.retry)
@@ -163,8 +219,23 @@ class RayDispatcher:
         return out
 
     def close(self) -> None:
-        for actor in self.actors:
+        for actor in getattr(self, "actors", []):
             try:
                 self.ray.kill(actor, no_restart=True)
             except Exception:
                 pass
+
+
+def _check_offered(nodes: list[dict[str, Any]], need: dict[str, float]) -> None:
+    """Refuse, before any actor is placed, a worker that no live node of the cluster could
+    ever hold (Ray would keep it pending for ever)."""
+    alive = [n for n in nodes if n.get("Alive")]
+    if any(all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items()) for n in alive):
+        return
+    if "GPU" in need:
+        raise EvomergeError(f"device: cuda, but none of the Ray cluster's {len(alive)} node(s) has a GPU")
+    most = max((n.get("Resources", {}).get("CPU", 0.0) for n in alive), default=0.0)
+    raise EvomergeError(
+        f"threads_per_worker: a worker needs {need['CPU']:g} CPUs, but the largest of the Ray cluster's "
+        f"{len(alive)} node(s) has {most:g}"
+    )

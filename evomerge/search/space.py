@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from evomerge.errors import EvomergeError
-from evomerge.experiments.config import Bounds, MergeSpace
 from evomerge.operators.recipe import Recipe
 from evomerge.operators.registry import Operator, Param, get_operator
+from evomerge.search.merge_space import Bounds, MergeSpace
 
 OTHER = "other"  # the group of tensors that match none of the filters
 

@@ -72,14 +72,27 @@ def test_shared_prefix_runs_once_and_scores_the_same(model_and_items):
     enc = encode(tok, items)
     assert shared_prefix(enc) == len("sort:xyz,")
     assert shared_prefix(enc.subset([0])) == len(tok(items[0].prompt)["input_ids"]) - 1
-    shared = score(model, enc, batch_size=16).tolist()
-    model.config.use_cache = False  # no KV cache: every item runs in full
+    n_prefix = shared_prefix(enc)
+    calls: list[tuple[int, int]] = []  # (rows, positions) of every forward pass through the layers
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda _m, args: calls.append(tuple(args[0].shape)))
     try:
-        full = score(model, enc, batch_size=16).tolist()
+        shared = score(model, enc, batch_size=16).tolist()
+        with_prefix, calls[:] = list(calls), []
+        model.config.use_cache = False  # no KV cache: every item runs in full
+        try:
+            full = score(model, enc, batch_size=16).tolist()
+        finally:
+            model.config.use_cache = True
+        without, calls[:] = list(calls), []
     finally:
-        model.config.use_cache = True
+        hook.remove()
     assert shared == full == _generate_hits(model, tok, items)
     assert 0 < sum(shared) < len(shared)
+    # the prefix runs once, as one row of its own; the 3 batches of 16, 16 and 8 items skip it
+    assert with_prefix[0] == (1, n_prefix) and [rows for rows, _ in with_prefix[1:]] == [16, 16, 8]
+    assert [rows for rows, _ in without] == [16, 16, 8]
+    for (_, cut), (_, whole) in zip(with_prefix[1:], without):
+        assert cut == whole - n_prefix
 
 
 @pytest.mark.slow

@@ -123,8 +123,24 @@ def test_the_election_runs_slice_by_slice_with_the_same_bits(method, monkeypatch
     assert torch.equal(whole, sliced)
 
 
-def test_dare_linear_density_one_is_task_arithmetic():
-    close(run("dare_linear", [A, B], BASE, weight=[0.5, 0.5]), run("task_arithmetic", [A, B], BASE, weight=[0.5, 0.5]))
+def test_dare_linear_against_its_formula_below_density_one():
+    """DARE (Yu et al. 2024, Eq. 2-3): tau_i * m_i, m_i ~ Bernoulli(p) drawn model by
+    model from the seeded generator, rescaled to tau_i's L1 norm, then weighted and
+    summed onto the base (no normalisation for dare_linear), times lambda."""
+    weight, density, lam = [0.7, 0.4], [0.5, 0.3], 0.9
+    gen = torch.Generator().manual_seed(11)
+    expected = torch.zeros_like(BASE)
+    for t, w, d in zip([A, B], weight, density):
+        tau = t - BASE
+        mask = torch.bernoulli(torch.full(tau.shape, d), generator=gen)
+        assert 0 < mask.sum() < mask.numel()  # entries were dropped: not task arithmetic in disguise
+        kept = tau * mask
+        expected += w * kept * (tau.abs().sum() / kept.abs().sum())
+    expected = BASE + lam * expected
+    out = run("dare_linear", [A, B], BASE, seed=11, weight=weight, density=density, **{"lambda": lam})
+    close(out, expected)
+    plain = run("task_arithmetic", [A, B], BASE, weight=weight, **{"lambda": lam})
+    assert not torch.allclose(out, plain)
 
 
 def test_dare_keeps_l1_norm_and_is_seeded():

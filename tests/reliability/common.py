@@ -14,9 +14,16 @@ TASKS = ["cp", "rev", "sort"]
 
 
 def write_experiment(
-    zoo: Path, path: Path, *, name: str, merge: dict[str, Any], search: dict[str, Any], samples: int
+    zoo: Path,
+    path: Path,
+    *,
+    name: str,
+    merge: dict[str, Any],
+    search: dict[str, Any],
+    samples: int,
+    workers: int = 1,
 ) -> Path:
-    """A one-worker CPU experiment merging the tiny zoo's specialists, as a YAML file."""
+    """A CPU experiment (one worker unless told) merging the tiny zoo's specialists, as a YAML file."""
     cfg: dict[str, Any] = {
         "name": name,
         "zoo": str(zoo),
@@ -24,7 +31,7 @@ def write_experiment(
         "merge": merge,
         "fitness": {"tasks": TASKS, "samples": samples},
         "search": search,
-        "workers": 1,
+        "workers": workers,
         "device": "cpu",
     }
     if merge["method"] != "linear":

@@ -4,6 +4,8 @@ moment of a chosen trial, from inside the real code path.
     EVOMERGE_TEST_KILL=merge:N   while a worker merges trial N (inside the Ray actor)
     EVOMERGE_TEST_KILL=score:N   while a worker scores trial N (inside the Ray actor)
     EVOMERGE_TEST_KILL=log:N     after trial N was told to Optuna, before its MLflow log (driver)
+    EVOMERGE_TEST_KILL=enqueue:N after the N-th trial queued in this process (on resume: a retry queued,
+                                 its interrupted original not yet told FAIL)
 
 The process group is the one the test started the driver in (``start_new_session``);
 ``EVOMERGE_TEST_PGID`` names it, so an actor can take the driver and every Ray process down.
@@ -71,6 +73,17 @@ def main(argv: list[str]) -> int:
         return log(self, record, stats)
 
     tracking.MlflowTracker.__call__ = logging_then_kill  # type: ignore[method-assign]
+    import optuna
+
+    enqueue = optuna.Study.enqueue_trial
+    queued = [0]
+
+    def enqueue_then_kill(self, *args, **kwargs):
+        enqueue(self, *args, **kwargs)
+        queued[0] += 1
+        _kill_at("enqueue", queued[0])
+
+    optuna.Study.enqueue_trial = enqueue_then_kill  # type: ignore[method-assign]
     return cli.main(argv)
 
 

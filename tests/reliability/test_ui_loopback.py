@@ -49,9 +49,11 @@ def test_ui_binds_loopback_and_serves_the_store(tmp_path):
                 time.sleep(0.5)
         assert body is not None, "the UI did not come up"
         assert "seen" in {e["name"] for e in body["experiments"]}
-        listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
-        lines = [ln for ln in listening.splitlines() if f":{port} " in ln]
-        assert lines and all("127.0.0.1:" in ln for ln in lines)
+        import psutil
+
+        listening = psutil.net_connections("inet")
+        bound = [c.laddr.ip for c in listening if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert bound and set(bound) == {"127.0.0.1"}, bound
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

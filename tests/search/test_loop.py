@@ -9,7 +9,16 @@ import torch
 from evomerge.experiments.run import open_study, prepare
 from evomerge.experiments.rundir import RunDir
 from evomerge.search.dispatch import InProcessDispatcher
-from evomerge.search.loop import Budget, SearchLoop, record_from_trial, trial_seed
+from evomerge.search.loop import (
+    MAX_INTERRUPTIONS,
+    Budget,
+    SearchLoop,
+    is_interrupted,
+    origin_of,
+    record_from_trial,
+    recover_interrupted,
+    trial_seed,
+)
 from evomerge.search.worker import Job, MergeWorker
 
 from .faulty import FaultyWorker
@@ -70,7 +79,7 @@ def test_same_seed_same_search(tiny_cfg, tmp_path):
     assert [r.value for r in a.records] == [r.value for r in b.records]
 
 
-def test_interrupted_trials_are_failed_and_retried_once_and_the_budget_holds(tiny_cfg, tmp_path):
+def test_interrupted_trials_are_failed_retried_and_not_counted_in_the_budget(tiny_cfg, tmp_path):
     dare = {"method": "dare_linear", "parameters": {"weight": {"low": 0.0, "high": 1.5}, "density": 0.5}}
     loop, study, prep = _loop(tiny_cfg(merge=dare), tmp_path, trials=5)
     loop.budget.trials = 2
@@ -84,7 +93,9 @@ def test_interrupted_trials_are_failed_and_retried_once_and_the_budget_holds(tin
     retried = [t for t in trials if t.user_attrs.get("retry_of") == stale.number]
     assert len(retried) == 1 and retried[0].params == pytest.approx(params)
     assert retried[0].state == optuna.trial.TrialState.COMPLETE
-    assert len(trials) == 5 and stats.finished == 2  # 2 before + the stale FAIL + its retry + 1 new = 5
+    # the budget counts evaluated trials: 2 before + its retry + 2 new = 5; the stale FAIL does not count
+    assert len(trials) == 6 and stats.finished == 3 and is_interrupted(trials[stale.number])
+    assert sum(not is_interrupted(t) for t in trials) == 5
     # the retry repeats the interrupted trial's random stream (DARE masks): same tensors, same score
     recipe = prep.space.recipe(params).to_dict()
     worker = MergeWorker(prep.spec)
@@ -110,7 +121,8 @@ def test_a_trial_killed_before_all_its_parameters_is_failed_not_retried(tiny_cfg
     trials = study2.trials
     assert trials[empty.number].state == trials[partial.number].state == optuna.trial.TrialState.FAIL
     assert not any("retry_of" in t.user_attrs for t in trials)
-    assert len(trials) == 5 and all(prep.space.complete(t.params) for t in trials if t.number > partial.number)
+    assert len(trials) == 7 and all(prep.space.complete(t.params) for t in trials if t.number > partial.number)
+    assert sum(not is_interrupted(t) for t in trials) == 5  # the two interrupted ones did not count
     record = record_from_trial(trials[partial.number], prep.space)  # what the tracker logs for it
     assert record.state == "FAIL" and record.recipe == {} and "interrupted" in (record.error or "")
 
@@ -125,3 +137,29 @@ def test_a_higher_fidelity_reuses_the_lower_ones_samples(tiny_cfg, tmp_path):
     rest = worker.run(Job(1, recipe, seed=0, prior=quarter.per_sample))
     assert rest.samples == 3 * 30  # only the samples beyond the quarter were scored
     assert rest.per_sample == full.per_sample and rest.value == full.value and rest.tasks == full.tasks
+
+
+def test_recovery_is_idempotent_and_retries_a_retry_up_to_the_limit(tiny_cfg, tmp_path):
+    """A resume killed after queueing a retry but before failing the original queues no
+    second retry; a retry that is itself interrupted is queued again, up to
+    MAX_INTERRUPTIONS interruptions of one parameter set; nothing is left WAITING."""
+    loop, study, prep = _loop(tiny_cfg(), tmp_path, trials=3)
+    loop.budget.trials = 1
+    loop.run()
+    stale = study.ask()
+    prep.space.sample(stale)
+    study.enqueue_trial(stale.params, user_attrs={"retry_of": stale.number})  # the killed resume got this far
+    assert recover_interrupted(study, prep.space) == 1
+    same = [t for t in study.trials if origin_of(t) == stale.number]
+    assert [t.state.name for t in same] == ["FAIL", "WAITING"]  # no second retry
+    for _ in range(MAX_INTERRUPTIONS - 1):  # the retry is asked, then cut short again
+        retry = study.ask()
+        assert retry.user_attrs["retry_of"] == stale.number
+        prep.space.sample(retry)
+        recover_interrupted(study, prep.space)
+    same = [t for t in study.trials if origin_of(t) == stale.number]
+    assert len(same) == MAX_INTERRUPTIONS and all(is_interrupted(t) for t in same)  # no more retries
+    loop2, study2, _ = _loop(tiny_cfg(), tmp_path, trials=3)
+    loop2.run()
+    assert not [t for t in study2.trials if not t.state.is_finished()]
+    assert sum(not is_interrupted(t) for t in study2.trials) == 3

@@ -4,7 +4,7 @@ import optuna
 import pytest
 
 from evomerge.errors import EvomergeError
-from evomerge.experiments.config import MergeSpace
+from evomerge.search.merge_space import MergeSpace
 from evomerge.search.space import SearchSpace
 
 MODELS = ["a", "b", "c"]
