@@ -24,10 +24,24 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	RAY_AUTH_MODE=disabled $(VENV)/bin/evomerge run configs/demo.yaml --out runs/demo
 
-test: $(STAMP)
+# mergekit 0.1.5 in a virtual environment of its own, outside the project's (its pins
+# differ) and kept between runs: the parity tests compare evomerge's tensors with it.
+MERGEKIT_VENV ?= $(HOME)/.cache/evomerge/mergekit-0.1.5
+MERGEKIT := $(MERGEKIT_VENV)/bin/mergekit-yaml
+
+$(MERGEKIT):
+	$(PYTHON) -m venv $(MERGEKIT_VENV)
+	$(MERGEKIT_VENV)/bin/python -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(MERGEKIT_VENV)/bin/python -m pip install -q torch; \
+	else $(MERGEKIT_VENV)/bin/python -m pip install -q torch==2.13.0; fi
+	$(MERGEKIT_VENV)/bin/python -m pip install -q mergekit==0.1.5
+	test -x $(MERGEKIT)
+
+test: $(STAMP) $(MERGEKIT)
 	$(VENV)/bin/ruff check evomerge tests bench
 	$(VENV)/bin/mypy evomerge
-	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider tests
+	RAY_AUTH_MODE=disabled MERGEKIT_YAML=$(MERGEKIT) EVOMERGE_REQUIRE_MERGEKIT=1 \
+		$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
 	$(PY) bench/merge_speed.py

@@ -72,7 +72,11 @@ def test_lineage_of_an_export_reaches_the_base_through_the_specialists(finished_
     capsys.readouterr()
     assert main(["lineage", str(out), "--out", str(png)]) == 0
     text = capsys.readouterr().out
-    assert text.splitlines()[0] == "exported" and "<-task_arithmetic- cp [apache-2.0]" in text
+    # every source declares apache-2.0, so the export does too: in its card, and so in the tree
+    assert text.splitlines()[0] == "exported [apache-2.0]" and "<-task_arithmetic- cp [apache-2.0]" in text
+    card = (out / "README.md").read_text()
+    assert "\nlicense: apache-2.0\n" in card.split("---")[1] and "the licence every source model declares" in card
+    assert "http" not in card  # no made-up links
     assert "<-finetune/base- base [apache-2.0]" in text  # a specialist's own parent, from its model card
     assert png.stat().st_size > 10_000
     from mlflow.tracking import MlflowClient
@@ -99,8 +103,30 @@ def test_lineage_follows_merges_of_merges_written_by_mergekit(tiny_zoo, tmp_path
     edges = {(tree.nodes[e.parent].name, tree.nodes[e.child].name, e.method) for e in tree.edges}
     assert ("first", "second", "linear") in edges and ("cp", "first", "linear") in edges
     assert ("base", "sort", "finetune") in edges and len(tree.nodes) == 6
+    assert tree.nodes[str(second.resolve())].license == "apache-2.0"  # no card licence: its parents' shared one
     assert main(["lineage", str(tmp_path / "nope"), "--no-log"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_merge_of_differently_licensed_models_derives_no_licence(tiny_zoo, tmp_path):
+    import shutil
+
+    from evomerge.experiments.lineage import build_tree
+    from evomerge.operators.engine import run_merge
+    from evomerge.operators.outputs import front_matter
+    from evomerge.operators.recipe import Recipe
+
+    other = shutil.copytree(tiny_zoo / "rev", tmp_path / "rev-mit")
+    card = (other / "README.md").read_text().replace("license: apache-2.0", "license: mit")
+    (other / "README.md").write_text(card)
+    data = {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in
+            (tiny_zoo / "cp", other)]}  # fmt: skip
+    out = tmp_path / "merged"
+    run_merge(Recipe.from_dict(data, "test"), out)
+    assert "license" not in front_matter(out)
+    text = (out / "README.md").read_text()
+    assert "Licence: not derived: the source models declare different licences" in text and ": mit" in text
+    assert build_tree(out).nodes[str(out.resolve())].license is None
 
 
 def test_leaderboard_ranks_exports_and_sources_by_test_fitness(finished_run, tmp_path, capsys):

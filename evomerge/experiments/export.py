@@ -19,9 +19,10 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.experiments.config import ExperimentConfig, load_config
-from evomerge.experiments.lineage import LINEAGE_FILE, license_of
+from evomerge.experiments.lineage import LINEAGE_FILE
 from evomerge.experiments.rundir import RunDir, write_json
 from evomerge.operators.engine import MergeResult
+from evomerge.operators.outputs import license_of
 
 
 @dataclass

@@ -12,7 +12,8 @@ A model directory names its parents in, by preference:
 
 A parent that resolves to a local directory (absolute, or relative to the child) is
 followed in turn; anything else (a Hub id) is a leaf. Licences come from
-``evomerge.json`` or the card's ``license:``.
+``evomerge.json`` or the card's ``license:``; a merge that names none takes its
+parents' licence when they all carry the same one (see ``shared_license``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.operators.outputs import front_matter, license_of, shared_license
 
 LINEAGE_FILE = "evomerge.json"
 
@@ -61,27 +63,6 @@ class Tree:
             "nodes": [vars(n) for n in self.nodes.values()],
             "edges": [vars(e) for e in self.edges],
         }
-
-
-def front_matter(model_dir: Path) -> dict[str, Any]:
-    """The YAML front matter of ``model_dir/README.md`` ({} when there is none or it is unreadable)."""
-    card = model_dir / "README.md"
-    if not card.is_file():
-        return {}
-    text = card.read_text(errors="replace")
-    if not text.startswith("---"):
-        return {}
-    end = text.find("\n---", 3)
-    try:
-        data = yaml.safe_load(text[3:end]) if end > 0 else None
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def license_of(model_dir: Path) -> str | None:
-    value = front_matter(model_dir).get("license")
-    return str(value) if value else None
 
 
 def _as_list(value: Any) -> list[str]:
@@ -178,6 +159,8 @@ def _visit(tree: Tree, path: Path, depth: int, max_depth: int) -> None:
             continue
         tree.edges.append(Edge(str(local), key, method, role))
         _visit(tree, local, depth + 1, max_depth)
+    if licence is None and refs:  # a merge whose card names no licence: from its parents, when they agree
+        tree.nodes[key].license = shared_license({e.parent: tree.nodes[e.parent].license for e in tree.parents(key)})[0]
 
 
 def render_text(tree: Tree) -> str:

@@ -65,11 +65,55 @@ def _chat_template(value: str) -> str | None:
     return None if value == "auto" else CHATML if value == "chatml" else value
 
 
-def model_card(plan: MergePlan, extra: str = "") -> str:
-    """A README.md with YAML front matter that the Hub and mergekit users expect."""
+def front_matter(model_dir: Path) -> dict[str, Any]:
+    """The YAML front matter of ``model_dir/README.md`` ({} when there is none or it is unreadable)."""
+    card = model_dir / "README.md"
+    if not card.is_file():
+        return {}
+    text = card.read_text(errors="replace")
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    try:
+        data = yaml.safe_load(text[3:end]) if end > 0 else None
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def license_of(model_dir: Path) -> str | None:
+    """The licence a model card declares (its front matter's ``license:``), if any."""
+    value = front_matter(model_dir).get("license")
+    return str(value) if value else None
+
+
+def shared_license(licences: dict[str, str | None]) -> tuple[str | None, str]:
+    """The licence of a merge of models with these licences, and a sentence saying why.
+
+    A merge contains every source's weights, so it can carry a licence only when all
+    of them carry the same one; otherwise none is derived and the sentence names the
+    sources' licences (or the ones that declare none) for the user to reconcile."""
+    known = {v for v in licences.values() if v}
+    unknown = sorted(name for name, v in licences.items() if not v)
+    if len(known) == 1 and not unknown:
+        lic = known.pop()
+        return lic, f"Licence: {lic}, the licence every source model declares."
+    if unknown:
+        return None, "Licence: not derived: " + ", ".join(f"`{n}`" for n in unknown) + " declare(s) none."
+    listed = "; ".join(f"`{n}`: {v}" for n, v in sorted(licences.items()))
+    return None, f"Licence: not derived: the source models declare different licences ({listed})."
+
+
+def model_card(plan: MergePlan, extra: str = "", licences: dict[str, str | None] | None = None) -> str:
+    """A README.md with YAML front matter that the Hub and mergekit users expect; the
+    licence is the sources' when they all declare the same one (``shared_license``)."""
     recipe = plan.recipe
     sources = recipe.referenced_models()
-    front = {"base_model": sources, "library_name": "transformers", "tags": ["merge", "evomerge", "mergekit"]}
+    lic, why = shared_license(licences if licences is not None else dict.fromkeys(sources))
+    front: dict[str, Any] = {"base_model": sources, "library_name": "transformers"}
+    if lic:
+        front["license"] = lic
+    front["tags"] = ["merge", "evomerge", "mergekit"]
     body = [
         "---",
         yaml.safe_dump(front, sort_keys=False).rstrip(),
@@ -77,13 +121,14 @@ def model_card(plan: MergePlan, extra: str = "") -> str:
         "",
         "# Merged model",
         "",
-        f"This model was made with [evomerge](https://github.com/evomerge/evomerge) using the "
-        f"**{recipe.merge_method}** merge method"
+        f"This model was made with evomerge using the **{recipe.merge_method}** merge method"
         + (f" with `{recipe.base_model}` as the base." if recipe.base_model else "."),
         "",
         "## Source models",
         "",
         *[f"- `{s}`" for s in sources],
+        "",
+        why,
         "",
     ]
     if extra:
@@ -121,6 +166,7 @@ def write_model_files(
         if template is not None:
             write_text(out / "chat_template.jinja", template)
             written.append("chat_template.jinja")
-    write_text(out / "README.md", model_card(plan, card_extra))
+    licences = {name: license_of(ckpts[name].path) for name in plan.recipe.referenced_models() if name in ckpts}
+    write_text(out / "README.md", model_card(plan, card_extra, licences))
     write_text(out / "mergekit_config.yml", plan.recipe.to_yaml())
     return sorted(set(written))
