@@ -59,7 +59,7 @@ def _no_trial_left_running(run: Path) -> None:
 def ray_head(tmp_path):
     """A Ray cluster of its own (one node, 1 CPU, no GPU) started with `ray start`; torn down after."""
     port = _free_port()
-    ray = Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "ray"
+    ray = Path(sys.executable).parent / "ray"  # the ray of this interpreter's environment
     exe = str(ray) if ray.is_file() else shutil.which("ray") or "ray"
     cmd = [exe, "start", "--head", "--port", str(port), "--num-cpus", "1", "--num-gpus", "0"]
     cmd += ["--node-ip-address", "127.0.0.1", "--include-dashboard=false", "--disable-usage-stats", "--block"]
@@ -138,7 +138,7 @@ def test_a_cluster_without_the_resources_is_one_line_never_a_wait(tiny_zoo, tmp_
 
 @pytest.mark.parametrize(
     "device, message",
-    [("cuda:3", "no CUDA device is available"), ("tpu", "merges on cpu, cuda or cuda:N"), ("cuda:x", "not a device")],
+    [("cuda:3", "no CUDA device is available"), ("meta", "merges on cpu, cuda or cuda:N"), ("tpu", "not a device")],
 )
 def test_a_merge_device_that_does_not_exist_is_one_line(family, tmp_path, device, message):
     recipe = tmp_path / "r.yml"
