@@ -7,6 +7,10 @@ linear and TIES, and mergekit's on the same YAML. Reports the best of N repeats
 and each run's peak RSS.
 
     python bench/merge_speed.py [--repeats 2] [--work DIR] [--mergekit PATH_TO_mergekit-yaml]
+
+Without ``--work`` the models go to a fresh temporary directory, removed at the end.
+A ``--work`` directory must be new, empty, or one this script made before (its models
+are then reused); nothing else in it is touched.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+MARK = ".evomerge-bench"  # marks a work directory as this script's
 SIZE = dict(hidden=768, intermediate=3072, layers=12, vocab=32000, heads=12)
 
 TIES = """merge_method: ties
@@ -70,14 +76,33 @@ def timed(cmd: list[str], out: Path) -> tuple[float, float]:
     return wall, rss
 
 
+def work_dir(given: Path | None) -> tuple[Path, bool]:
+    """The work directory and whether to remove it at the end (only a temporary one)."""
+    if given is None:
+        return Path(tempfile.mkdtemp(prefix="evomerge-bench-")), True
+    work = given.resolve()
+    if work.exists() and any(work.iterdir()) and not (work / MARK).exists():
+        raise SystemExit(f"{work}: not empty and not made by this script; give a new or empty directory")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARK).touch()
+    return work, False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/evomerge-bench"))
+    ap.add_argument("--work", type=Path, default=None, help="keep the models here (default: a temporary directory)")
     ap.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path to mergekit-yaml")
     args = ap.parse_args()
-    work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    work, temporary = work_dir(args.work)
+    try:
+        run(work, args)
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(work: Path, args: argparse.Namespace) -> None:
     make_models(work)
     for name, text in (("ties", TIES), ("linear", LINEAR)):
         (work / f"{name}.yml").write_text(text.format(w=work))

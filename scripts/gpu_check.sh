@@ -3,13 +3,20 @@
 # Ray actor holding the zoo on the GPU in bfloat16) and a one-shot merge with the
 # arithmetic on cuda, compared with the same merge on the CPU.
 # Usage: scripts/gpu_check.sh [OUT_DIR]      (expects `make venv` done, or a venv at .venv)
+# OUT_DIR must be new or empty (nothing in it is ever deleted); default: a fresh
+# directory from mktemp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-/tmp/evomerge-gpu-check}
+OUT=${1:-$(mktemp -d -t evomerge-gpu-check.XXXXXX)}
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
+  echo "gpu_check: $OUT is not empty; give a new or empty directory" >&2
+  exit 2
+fi
+mkdir -p "$OUT"
+echo "gpu_check: writing to $OUT"
 PY=${PY:-.venv/bin/python}
 EVO=${EVO:-.venv/bin/evomerge}
 export RAY_AUTH_MODE=disabled
-rm -rf "$OUT"; mkdir -p "$OUT"
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('gpu:', torch.cuda.get_device_name(0))"
 # 1. the demo zoo (built on the CPU if missing) searched on cuda
 cat > "$OUT/gpu.yaml" <<YAML

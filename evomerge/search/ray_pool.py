@@ -9,6 +9,7 @@ its real start) has its actor killed and replaced, and comes back failed.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -38,7 +39,7 @@ def init_ray(address: str | None, num_cpus: int | None, *, env_vars: dict[str, s
     if address:
         probe_address(address)
         try:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
         except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError ... here
             raise EvomergeError(f"--ray-address {address}: cannot join the Ray cluster ({_last_line(err)})") from None
     else:
