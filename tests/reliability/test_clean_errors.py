@@ -138,7 +138,11 @@ def test_a_cluster_without_the_resources_is_one_line_never_a_wait(tiny_zoo, tmp_
 
 @pytest.mark.parametrize(
     "device, message",
-    [("cuda:3", "no CUDA device is available"), ("meta", "evomerge merges on cpu, cuda or cuda:N"), ("tpu", "not a device")],
+    [
+        ("cuda:3", "no CUDA device is available"),
+        ("meta", "evomerge merges on cpu, cuda or cuda:N"),
+        ("tpu", "not a device"),
+    ],
 )
 def test_a_merge_device_that_does_not_exist_is_one_line(family, tmp_path, device, message):
     recipe = tmp_path / "r.yml"
