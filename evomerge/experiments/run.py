@@ -337,17 +337,18 @@ def run_experiment(
         open_client(tracking_uri(options.tracking_uri))
     _check_study_storage(cfg, run, resume)  # a damaged storage is refused before anything is written
     run.create(cfg, accept_change=resume)
-    runlog = RunLog(run.path / "run.log")
-    try:
-        return _run_session(cfg, run, prep, options, resume, log, runlog)
-    except BaseException as err:
+    with run.session():  # one process at a time drives a run directory
+        runlog = RunLog(run.path / "run.log")
         try:
-            runlog(f"session failed: {type(err).__name__}: {err}")
-        except EvomergeError:
-            pass  # the log itself cannot be written: the error below says why the session stopped
-        raise
-    finally:
-        runlog.close()
+            return _run_session(cfg, run, prep, options, resume, log, runlog)
+        except BaseException as err:
+            try:
+                runlog(f"session failed: {type(err).__name__}: {err}")
+            except EvomergeError:
+                pass  # the log itself cannot be written: the error below says why the session stopped
+            raise
+        finally:
+            runlog.close()
 
 
 def _run_session(cfg, run: RunDir, prep: Prepared, options: RunOptions, resume: bool, log, runlog: RunLog):

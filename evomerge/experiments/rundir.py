@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,26 @@ class RunDir:
     @property
     def started_config(self) -> Path:
         return self.path / ".config.started.yaml"
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Hold the run directory for one driver process: a second ``run`` or ``resume``
+        of the same directory while one is running is refused (two drivers would ask
+        and tell the same study and log its trials twice). The lock is the operating
+        system's (``flock``): a killed process holds it no more."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.path / ".session.lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise EvomergeError(f"{self.path}: another evomerge process is running this run directory") from None
+        except OSError as err:
+            raise cannot_write(self.path / ".session.lock", err) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def create(self, cfg: ExperimentConfig, *, accept_change: bool = False) -> None:
         """Write the resolved config; refuse a directory that holds a run of another config

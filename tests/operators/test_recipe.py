@@ -89,3 +89,31 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     p.write_text("merge_method: ties\nmodels:\n  - model: [a\n")
     with pytest.raises(RecipeError, match=r"bad.yml: invalid YAML at line \d+"):
         load_yaml(p)
+
+
+def test_model_refs_are_renamed_by_structure_never_by_text():
+    """Only the places that name a model change: a filter and a chat template that
+    happen to equal a model's name stay as they are."""
+    from evomerge.experiments.run import recipe_with_paths
+
+    text = """
+merge_method: ties
+base_model: mlp
+tokenizer_source: a
+chat_template: "{{ 'a' }}{% if true %}mlp{% endif %}"
+slices:
+  - sources:
+      - model: a
+        layer_range: [0, 2]
+        parameters: {weight: [{filter: mlp, value: 0.5}, {filter: a, value: 0.2}, {value: 0.8}]}
+      - model: mlp
+        layer_range: [0, 2]
+"""
+    recipe = Recipe.from_dict(yaml.safe_load(text)).to_dict()
+    named = recipe_with_paths(recipe, {"a": "/models/a", "mlp": "/models/mlp"})
+    assert named["base_model"] == "/models/mlp" and named["tokenizer_source"] == "/models/a"
+    sources = named["slices"][0]["sources"]
+    assert [s["model"] for s in sources] == ["/models/a", "/models/mlp"]
+    assert [f.get("filter") for f in sources[0]["parameters"]["weight"]] == ["mlp", "a", None]
+    assert named["chat_template"] == recipe["chat_template"]
+    assert Recipe.from_dict(recipe).with_models({}) == Recipe.from_dict(recipe)

@@ -192,7 +192,7 @@ def test_export_checks_the_tracking_store_before_writing(tiny_zoo, tmp_path):
 
 def test_a_read_only_run_directory_is_one_line(tiny_zoo, tmp_path):
     """`evomerge resume` of a run directory on a read-only file system (a bind mount in a
-    mount namespace of its own): run.log cannot be written, and the user is told so."""
+    mount namespace of its own): its first write fails, and the user is told so."""
     from evomerge.experiments.run import RunOptions, run_experiment
 
     from ..search.conftest import tiny_config
@@ -210,7 +210,7 @@ def test_a_read_only_run_directory_is_one_line(tiny_zoo, tmp_path):
     res = subprocess.run([unshare, "-m", "sh", "-c", script], env=_env(tmp_path), capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     err = one_line_error(res)
-    assert f"{run / 'run.log'}: cannot write (Read-only file system)" in err
+    assert f"{run / '.session.lock'}: cannot write (Read-only file system)" in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
@@ -227,3 +227,22 @@ def test_a_summary_that_cannot_be_written_is_one_line_and_the_run_resumes(tiny_z
     res = run_cli("resume", str(run), "--quiet", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (run / "summary.json").is_file()
+
+
+def test_a_second_driver_of_one_run_directory_is_refused(tiny_zoo, tmp_path):
+    """While one process drives a run directory (here: this test holds its session), a
+    second `evomerge resume` of it is refused instead of asking and telling the same
+    study and logging its trials twice."""
+    from evomerge.experiments.run import RunOptions, run_experiment
+    from evomerge.experiments.rundir import RunDir
+
+    from ..search.conftest import tiny_config
+
+    run = tmp_path / "run"
+    run_experiment(tiny_config(tiny_zoo, name="errors").resolved(), run, RunOptions(quiet=True, in_process=True,
+                   track=False))  # fmt: skip
+    with RunDir(run).session():
+        err = one_line_error(run_cli("resume", str(run), "--quiet", env=_env(tmp_path)))
+    assert f"{run}: another evomerge process is running this run directory" in err
+    res = run_cli("status", str(run))
+    assert res.returncode == 0, res.stderr  # status only reads: never refused
