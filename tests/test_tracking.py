@@ -86,3 +86,22 @@ def test_each_child_run_carries_its_trials_state(tiny_zoo, tmp_path, monkeypatch
         assert states == {"COMPLETE", "FAIL"}
     else:
         assert states == {"COMPLETE", "PRUNED"}
+
+
+def test_a_child_run_cut_short_by_a_kill_is_replaced_on_resume(tiny_zoo, tmp_path):
+    """A session killed between creating a trial's child run and finishing it leaves that
+    run RUNNING with part of its record; the next session deletes it and logs the trial
+    again, whole: one active child run per trial, every one finished."""
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    cfg = tiny_config(tiny_zoo, name="cut").resolved()
+    out = tmp_path / "run"
+    run_experiment(cfg, out, RunOptions(quiet=True, in_process=True, tracking_uri=uri))
+    client, runs = _runs(uri, "cut")
+    half = next(r for r in runs if r.data.tags.get("trial") == "3")
+    client.update_run(half.info.run_id, status="RUNNING")  # as a kill inside the tracker leaves it
+    run_experiment(cfg, out, RunOptions(quiet=True, in_process=True, tracking_uri=uri), resume=True)
+    _, runs = _runs(uri, "cut")
+    children = [r for r in runs if "trial" in r.data.tags]
+    assert sorted(int(r.data.tags["trial"]) for r in children) == list(range(6))
+    assert all(r.info.status == "FINISHED" and "fitness" in r.data.metrics for r in children)
+    assert half.info.run_id not in {r.info.run_id for r in children}

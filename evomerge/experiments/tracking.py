@@ -5,7 +5,8 @@ One MLflow experiment per experiment name, one parent run per run directory
 run per trial tagged ``trial`` and ``state``, with the searched parameters as
 params, fitness, per-task accuracies and merge/score seconds as metrics, the
 source models' names and content hashes as tags, and the trial's recipe as a
-YAML artifact. A trial that already has a child run never gets a second one.
+YAML artifact. A trial that already has a child run never gets a second one; a child
+run that a killed session left half-written is replaced.
 """
 
 from __future__ import annotations
@@ -173,10 +174,21 @@ class MlflowTracker:
         return parent.info.run_id
 
     def _children(self) -> set[int]:
+        """The trials already logged. A child run still RUNNING was cut short while a killed
+        session logged it (only one process drives a run directory, and this one has logged
+        nothing yet): it is deleted, so that its trial is logged again, whole, once."""
         runs = self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'", max_results=50000
         )
-        return {int(r.data.tags["trial"]) for r in runs if "trial" in r.data.tags}
+        logged: set[int] = set()
+        for r in runs:
+            if "trial" not in r.data.tags:
+                continue
+            if r.info.status == "RUNNING":
+                self.client.delete_run(r.info.run_id)
+                continue
+            logged.add(int(r.data.tags["trial"]))
+        return logged
 
     def __call__(self, record: TrialRecord, stats: SearchStats) -> None:
         if record.number in self.logged:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,6 +81,10 @@ def ray_head(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGKILL)  # the head's GCS, raylet and workers share its process group
         head.wait()
+        # `ray start` records its cluster for later `ray.init()` calls to join; it is gone now
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def test_an_unreachable_ray_address_is_one_line_at_once(tiny_zoo, tmp_path):
