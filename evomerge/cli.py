@@ -292,36 +292,21 @@ def _add_leaderboard(sub: argparse._SubParsersAction) -> None:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    import os
-    import subprocess
-
-    from evomerge.experiments.tracking import tracking_uri
+    from evomerge.experiments.tracking import open_client, tracking_uri
+    from evomerge.experiments.ui import landing_experiment, serve
 
     uri = tracking_uri(args.tracking_uri)
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-        "--workers",
-        "1",
-    ]
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    return subprocess.call(cmd, env=env)
+    experiment = landing_experiment(open_client(uri), args.run_dir, uri)
+    return serve(uri, args.host, args.port, experiment, open_browser=args.open)
 
 
 def _add_ui(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ui", help="start a lean MLflow UI on the tracking store (127.0.0.1 unless told)")
+    p = sub.add_parser("ui", help="start a lean MLflow UI on the tracking store, opened on a search")
+    p.add_argument("run_dir", nargs="?", default=None, help="open this run's experiment (default: the latest)")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--open", action="store_true", help="open the search's runs table in a browser")
     p.set_defaults(func=_ui)
 
 

@@ -11,8 +11,17 @@ from pathlib import Path
 REPORTS = "reports"
 
 
-def write_reports(study, objectives: list[str], out: Path, log: Callable[[str], None] = print) -> list[Path]:
-    """Draw what the study allows (a plot that cannot be drawn yet is skipped with a line in the log)."""
+def write_reports(
+    study,
+    objectives: list[str],
+    out: Path,
+    log: Callable[[str], None] = print,
+    references: dict[str, float] | None = None,
+) -> list[Path]:
+    """Draw what the study allows (a plot that cannot be drawn yet is skipped with a line in
+    the log). ``references`` (label -> search fitness, such as the best source and the
+    untuned merge) are drawn across the optimisation history, so one look says whether
+    the search beat them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,11 +36,14 @@ def write_reports(study, objectives: list[str], out: Path, log: Callable[[str], 
     out.mkdir(parents=True, exist_ok=True)
     multi = len(objectives) > 1
     first = objectives[0]
-    plots: dict[str, Callable[[], object]] = {
-        "history": lambda: ovm.plot_optimization_history(
-            study, target=(lambda t: t.values[0]) if multi else None, target_name=first
-        ),
-    }
+    def history() -> None:
+        ax = ovm.plot_optimization_history(study, target=(lambda t: t.values[0]) if multi else None, target_name=first)
+        for (label, value), style in zip((references or {}).items(), ("--", ":", "-.")):
+            ax.axhline(value, linestyle=style, color="0.35", linewidth=1.2, label=f"{label} ({value:.4f})")
+        if references:
+            ax.legend(loc="lower right", fontsize=8)
+
+    plots: dict[str, Callable[[], object]] = {"history": history}
     if len(complete) >= 3 and len({k for t in complete for k in t.params}) >= 2:
         plots["importance"] = lambda: ovm.plot_param_importances(
             study, target=(lambda t: t.values[0]) if multi else None, target_name=first

@@ -275,9 +275,24 @@ def finalize(
         ]
     from evomerge.experiments.plots import REPORTS, write_reports
 
-    summary["reports"] = [p.name for p in write_reports(study, cfg.fitness.objectives, run.path / REPORTS, log)]
+    summary["reports"] = [
+        p.name for p in write_reports(study, cfg.fitness.objectives, run.path / REPORTS, log, _references(summary))
+    ]
     write_json(run.summary, summary)
     return summary
+
+
+def _references(summary: dict[str, Any]) -> dict[str, float]:
+    """What the search must beat, on its own split: the best source model and the start."""
+    out: dict[str, float] = {}
+    sources = {k: v["fitness"] for k, v in summary["sources"].items() if v.get("fitness") is not None}
+    if sources:
+        name = max(sources, key=lambda k: sources[k])
+        out[f"best source: {name}"] = sources[name]
+    for name, row in summary["baselines"].items():
+        if row.get("fitness") is not None:
+            out["untuned merge" if name == "default_merge" else name] = row["fitness"]
+    return out
 
 
 def _scored_sources(cfg: ExperimentConfig) -> list[str]:

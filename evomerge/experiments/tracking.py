@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.experiments.config import ExperimentConfig
+from evomerge.experiments.dashboard import NOTE, configure_experiment, mark_best, note, search_params
 from evomerge.experiments.rundir import RunDir, check_sqlite, write_json
 from evomerge.search.loop import SearchStats, TrialRecord, record_from_trial
 
@@ -155,23 +157,38 @@ class MlflowTracker:
             else self.client.create_experiment(cfg.name, artifact_location=_artifact_root(self.uri))
         )
         self.run = run
+        self.cfg = cfg
+        configure_experiment(self.client, self.experiment_id, cfg)
         self.tags = {f"source.{ref}": f"{Path(p).name}@{model_hash(p)}" for ref, p in paths.items()}
         self.parent_id = self._parent(cfg)
+        self.best: float | None = None  # the best fitness logged so far (earlier sessions included)
         self.logged = self._children()
 
     def _parent(self, cfg: ExperimentConfig) -> str:
         saved = parent_run_id(self.run, self.uri)
         if saved is not None:
             self.client.update_run(saved, status="RUNNING")
+            self._log_params(saved, cfg)
             return saved
         parent = self.client.create_run(
             self.experiment_id,
             run_name=self.run.path.name,
             tags={"run_dir": str(self.run.path.resolve()), "sampler": cfg.search.sampler, **self.tags},
         )
+        self._log_params(parent.info.run_id, cfg)
         self.client.log_text(parent.info.run_id, cfg.to_yaml(), "config.yaml")
         write_json(self.run.tracking, {"tracking_uri": self.uri, "parent_run_id": parent.info.run_id})
         return parent.info.run_id
+
+    def _log_params(self, run_id: str, cfg: ExperimentConfig) -> None:
+        """The search settings as params; MLflow params are write-once, so a resumed run
+        adds only the ones it lacks (a forced resume's changed values stay in config.yaml)."""
+        from mlflow.entities import Param
+
+        have = self.client.get_run(run_id).data.params
+        new = [Param(k, v) for k, v in search_params(cfg).items() if k not in have]
+        if new:
+            self.client.log_batch(run_id, params=new)
 
     def _children(self) -> set[int]:
         """The trials already logged. A child run still RUNNING was cut short while a killed
@@ -188,6 +205,9 @@ class MlflowTracker:
                 self.client.delete_run(r.info.run_id)
                 continue
             logged.add(int(r.data.tags["trial"]))
+            value = r.data.metrics.get("fitness")
+            if r.data.tags.get("state") == "COMPLETE" and value is not None:
+                self.best = value if self.best is None else max(self.best, value)
         return logged
 
     def __call__(self, record: TrialRecord, stats: SearchStats) -> None:
@@ -217,6 +237,13 @@ class MlflowTracker:
         self.client.log_text(rid, yaml.safe_dump(record.recipe, sort_keys=False), "recipe.yml")
         self.client.set_terminated(rid, status=STATUS[record.state])
         self.logged.add(record.number)
+        if record.state == "COMPLETE" and record.value is not None:  # the parent charts the search
+            self.best = record.value if self.best is None else max(self.best, record.value)
+            stamp = int(time.time() * 1000)
+            points = {"trial_fitness": record.value, "best_so_far": self.best}
+            self.client.log_batch(
+                self.parent_id, metrics=[Metric(k, float(v), stamp, record.number) for k, v in points.items()]
+            )
 
     def backfill(self, study, space) -> int:
         """Log every finished trial of the study that has no child run yet (killed between
@@ -235,10 +262,33 @@ class MlflowTracker:
             self.client.set_tag(self.parent_id, "best_trial", str(summary.get("best_trial")))
             self.client.log_text(self.parent_id, json.dumps(summary, indent=2), "summary.json")
             self._log_sources(summary)
+            best_run = mark_best(
+                self.client,
+                self.experiment_id,
+                self.parent_id,
+                int(summary["best_trial"]),
+                {
+                    "validation_fitness": summary.get("best_validation_fitness"),
+                    "test_fitness": summary.get("best_test_fitness"),
+                    **{f"test.acc.{t}": v for t, v in (summary.get("best_test_tasks") or {}).items()},
+                },
+            )
+            recipe = yaml.safe_load(self.run.best_recipe.read_text()) if self.run.best_recipe.is_file() else None
+            text = note({**summary, "run_dir": str(self.run.path.resolve())}, self.experiment_id, best_run, recipe)
+            self.client.set_tag(self.parent_id, NOTE, text)
             reports = self.run.path / "reports"
+            self._draw_family_tree(reports)
             if reports.is_dir():
                 self.client.log_artifacts(self.parent_id, str(reports), "reports")
         self.client.set_terminated(self.parent_id, status=status)
+
+    def _draw_family_tree(self, reports: Path) -> None:
+        """The best merge's family tree (its sources and their own parents) as a report."""
+        if not self.run.best_recipe.is_file():
+            return
+        from evomerge.experiments.lineage import build_tree, draw
+
+        draw(build_tree(self.run.path), reports / "family_tree.png")
 
     def _log_sources(self, summary: dict[str, Any]) -> None:
         """The source models' scores as child runs tagged ``evomerge.kind=source`` (once per run)."""
@@ -260,6 +310,7 @@ class MlflowTracker:
                 self.experiment_id, run_name=f"source-{name}", tags={"mlflow.parentRunId": self.parent_id, **tags}
             )
             metrics = {"test_fitness": scores["test_fitness"], "fitness": scores.get("fitness")}
+            metrics |= {f"acc.{t}": v for t, v in (scores.get("tasks") or {}).items()}
             metrics |= {f"test.acc.{t}": v for t, v in (scores.get("test_tasks") or {}).items()}
             self.client.log_batch(
                 child.info.run_id,
