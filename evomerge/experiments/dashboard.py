@@ -36,11 +36,13 @@ def columns(tasks: list[str]) -> list[str]:
 
 def view_state(tasks: list[str]) -> str:
     """The shared view of the runs table (MLflow's column keys are ``metrics.`name```)."""
+    keys = [f"metrics.`{c}`" for c in columns(tasks)]
     state = {
         "orderByKey": "metrics.`fitness`",
         "orderByAsc": False,
         "searchFilter": "",
-        "selectedColumns": [f"metrics.`{c}`" for c in columns(tasks)],
+        "selectedColumns": keys,
+        "columnOrder": keys,  # fitness first (MLflow would order metric columns by name)
     }
     return json.dumps(state)
 

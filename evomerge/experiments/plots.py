@@ -36,14 +36,7 @@ def write_reports(
     out.mkdir(parents=True, exist_ok=True)
     multi = len(objectives) > 1
     first = objectives[0]
-    def history() -> None:
-        ax = ovm.plot_optimization_history(study, target=(lambda t: t.values[0]) if multi else None, target_name=first)
-        for (label, value), style in zip((references or {}).items(), ("--", ":", "-.")):
-            ax.axhline(value, linestyle=style, color="0.35", linewidth=1.2, label=f"{label} ({value:.4f})")
-        if references:
-            ax.legend(loc="lower right", fontsize=8)
-
-    plots: dict[str, Callable[[], object]] = {"history": history}
+    plots: dict[str, Callable[[], object]] = {"history": lambda: history(study, objectives, references)}
     if len(complete) >= 3 and len({k for t in complete for k in t.params}) >= 2:
         plots["importance"] = lambda: ovm.plot_param_importances(
             study, target=(lambda t: t.values[0]) if multi else None, target_name=first
@@ -66,3 +59,17 @@ def write_reports(
         finally:
             plt.close("all")
     return written
+
+
+def history(study, objectives: list[str], references: dict[str, float] | None = None):
+    """The optimisation history of the first objective, with a dashed line for each reference."""
+    import optuna.visualization.matplotlib as ovm
+
+    multi = len(objectives) > 1
+    target = (lambda t: t.values[0]) if multi else None
+    ax = ovm.plot_optimization_history(study, target=target, target_name=objectives[0])
+    for (label, value), style in zip((references or {}).items(), ("--", ":", "-.")):
+        ax.axhline(value, linestyle=style, color="0.35", linewidth=1.2, label=f"{label} ({value:.4f})")
+    if references:
+        ax.legend(loc="lower right", fontsize=8)
+    return ax
