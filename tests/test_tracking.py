@@ -39,7 +39,7 @@ def test_every_trial_is_a_child_run_and_resume_adds_no_duplicates(tiny_zoo, tmp_
     assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["recipe.yml"]
     assert parents[0].data.metrics["best_test_fitness"] >= 0
     reports = {a.path for a in client.list_artifacts(parents[0].info.run_id, "reports")}
-    assert reports == {"reports/history.png", "reports/importance.png"}
+    assert reports == {"reports/history.png", "reports/importance.png", "reports/family_tree.png"}
     assert (out / "reports" / "history.png").stat().st_size > 10_000
     # a resumed run with a larger budget reuses the parent and logs only the new trials
     bigger = tiny_config(tiny_zoo, name="tracked", search__trials=8).resolved()
