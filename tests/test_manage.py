@@ -48,7 +48,11 @@ def test_export_reproduces_the_recorded_fitness_and_registers_the_model(finished
     assert version.source == str(out.resolve())
     assert version.tags["trial"] == str(summary["best_trial"]) and version.tags["evomerge.kind"] == "merge"
     assert {p["name"] for p in json.loads(version.tags["lineage"])} == {"base", "cp", "rev", "sort"}
-    assert client.get_run(version.run_id).data.tags["trial"] == str(summary["best_trial"])
+    linked = client.get_run(version.run_id).data.tags
+    assert linked["trial"] == str(summary["best_trial"]) and linked["evomerge.best"] == "true"  # the marked run
+    parent = client.get_run(linked["mlflow.parentRunId"]).data.tags["mlflow.note.content"]
+    assert f"Exported to `{out.resolve()}` (registered model `tiny`, version 1)." in parent  # where the export is
+    assert "Not exported yet" not in parent
 
 
 def test_export_of_another_trial_measures_its_test_fitness(finished_run, tmp_path):

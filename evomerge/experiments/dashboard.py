@@ -153,3 +153,12 @@ def mark_best(
     stamp = int(time.time() * 1000)
     client.log_batch(best_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in figures.items() if v is not None])
     return best_id
+
+
+def with_export(text: str, out, model: str, version) -> str:
+    """A parent run's description whose export section names an export (and its registry entry)."""
+    from pathlib import Path
+
+    line = f"Exported to `{Path(out).resolve()}` (registered model `{model}`, version {version.version})."
+    head, found, _ = text.partition("### Export")
+    return (head if found else text.rstrip() + "\n\n") + "### Export\n\n" + line + "\n"

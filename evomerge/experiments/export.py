@@ -166,7 +166,8 @@ def register_export(
     directory, linked to the trial's child run when the run was tracked in this store."""
     from mlflow.exceptions import MlflowException
 
-    from evomerge.experiments.tracking import open_client, tracking_uri, trial_run_id
+    from evomerge.experiments.dashboard import NOTE, with_export
+    from evomerge.experiments.tracking import open_client, parent_run_id, tracking_uri, trial_run_id
 
     uri = tracking_uri(uri)
     client = open_client(uri)
@@ -192,4 +193,8 @@ def register_export(
         tags=tags,
         description=f"trial {record['trial']} of {record['run_dir']}",
     )
+    parent = parent_run_id(run, uri)
+    if parent is not None:  # the search's description says where its export is
+        text = client.get_run(parent).data.tags.get(NOTE, "")
+        client.set_tag(parent, NOTE, with_export(text, out, cfg.name, version))
     return cfg.name, str(version.version)
