@@ -293,11 +293,15 @@ def _add_leaderboard(sub: argparse._SubParsersAction) -> None:
 
 def _ui(args: argparse.Namespace) -> int:
     from evomerge.experiments.tracking import open_client, tracking_uri
-    from evomerge.experiments.ui import landing_experiment, serve
+    from evomerge.experiments.ui import landing_experiment, serve, serve_optuna
 
+    if args.optuna:
+        if args.run_dir is None:
+            raise EvomergeError("--optuna serves one run's study: give RUN_DIR")
+        return serve_optuna(args.run_dir, args.host, args.port or 8080, open_browser=args.open)
     uri = tracking_uri(args.tracking_uri)
     experiment = landing_experiment(open_client(uri), args.run_dir, uri)
-    return serve(uri, args.host, args.port, experiment, open_browser=args.open)
+    return serve(uri, args.host, args.port or 5000, experiment, open_browser=args.open)
 
 
 def _add_ui(sub: argparse._SubParsersAction) -> None:
@@ -305,8 +309,9 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", nargs="?", default=None, help="open this run's experiment (default: the latest)")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=None, help="default: 5000 (8080 with --optuna)")
     p.add_argument("--open", action="store_true", help="open the search's runs table in a browser")
+    p.add_argument("--optuna", action="store_true", help="serve optuna-dashboard on RUN_DIR's study instead")
     p.set_defaults(func=_ui)
 
 

@@ -28,13 +28,10 @@ def landing_experiment(client, run_dir: str | None, uri: str) -> str | None:
 
 
 def serve(uri: str, host: str, port: int, experiment_id: str | None, *, open_browser: bool = False) -> int:
-    """Run a lean MLflow UI (one worker, no job runner, no usage telemetry) on ``uri`` until
-    Ctrl-C or SIGTERM, which stop the server's whole process group; print where the search is."""
+    """A lean MLflow UI (one worker, no job runner, no usage telemetry) on ``uri``, opened
+    on a search's runs table, until Ctrl-C or SIGTERM."""
     import os
-    import signal
-    import subprocess
     import sys
-    import urllib.request
 
     env = {
         **os.environ,
@@ -43,7 +40,44 @@ def serve(uri: str, host: str, port: int, experiment_id: str | None, *, open_bro
         "DO_NOT_TRACK": "true",
     }
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    server = subprocess.Popen([*cmd, "--workers", "1"], env=env, start_new_session=True)
+    base = _base(host, port)
+    url = runs_url(base, experiment_id) if experiment_id is not None else base
+    return run_server([*cmd, "--workers", "1"], env, f"{base}/health", f"MLflow UI for {uri}: {url}", url, open_browser)
+
+
+def serve_optuna(run_dir: str, host: str, port: int, *, open_browser: bool = False) -> int:
+    """optuna-dashboard on a run's study storage (Optuna's own views: parallel coordinates,
+    contours, importances), until Ctrl-C or SIGTERM."""
+    import os
+    import sys
+
+    run = RunDir(Path(run_dir))
+    if not run.study_db.is_file():
+        raise EvomergeError(f"{run_dir}: no study.db (not a run directory, or no trial run yet)")
+    exe = Path(sys.executable).parent / "optuna-dashboard"
+    if not exe.is_file():
+        raise EvomergeError("--optuna: optuna-dashboard is not installed (pip install optuna-dashboard)")
+    cmd = [str(exe), run.storage, "--host", host, "--port", str(port), "--quiet"]
+    base = _base(host, port)
+    url = f"{base}/dashboard"
+    return run_server(cmd, dict(os.environ), f"{base}/api/studies", f"optuna-dashboard for {run_dir}: {url}", url,
+                      open_browser)  # fmt: skip
+
+
+def _base(host: str, port: int) -> str:
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+
+
+def run_server(cmd: list[str], env: dict[str, str], health: str, banner: str, url: str, open_browser: bool) -> int:
+    """Run a server in a process group of its own until it exits, or until Ctrl-C or SIGTERM,
+    which stop the whole group (a server's own workers included); print ``banner`` once
+    ``health`` answers."""
+    import os
+    import signal
+    import subprocess
+    import urllib.request
+
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def stop(signum: int, _frame: Any) -> None:
         for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
@@ -59,18 +93,16 @@ def serve(uri: str, host: str, port: int, experiment_id: str | None, *, open_bro
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     deadline = time.monotonic() + 120
     while server.poll() is None and time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(f"{base}/health", timeout=2).read()
+            urllib.request.urlopen(health, timeout=2).read()
             break
         except OSError:
             time.sleep(0.5)
     if server.poll() is not None:
         return int(server.returncode or 1)
-    url = runs_url(base, experiment_id) if experiment_id is not None else base
-    print(f"MLflow UI for {uri}: {url}  (Ctrl-C stops it)", flush=True)
+    print(f"{banner}  (Ctrl-C stops it)", flush=True)
     if open_browser:
         import webbrowser
 

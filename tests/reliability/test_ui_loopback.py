@@ -74,3 +74,37 @@ def test_a_local_ray_cluster_starts_no_dashboard(tmp_path):
         assert 8265 not in listening
     finally:
         ray.shutdown()
+
+
+def test_optuna_dashboard_serves_the_runs_study_on_loopback(tiny_zoo, tmp_path):
+    """`evomerge ui RUN_DIR --optuna`: optuna-dashboard on the run's study.db, bound to
+    127.0.0.1; SIGTERM stops it."""
+    import psutil
+
+    from evomerge.experiments.run import RunOptions, run_experiment
+
+    from ..search.conftest import tiny_config
+
+    run = tmp_path / "run"
+    run_experiment(tiny_config(tiny_zoo, name="studied").resolved(), run, RunOptions(quiet=True, in_process=True,
+                   track=False))  # fmt: skip
+    port = _free_port()
+    cmd = [sys.executable, "-m", "evomerge.cli", "ui", str(run), "--optuna", "--port", str(port)]
+    ui = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line, deadline = "", time.monotonic() + 90
+        while "optuna-dashboard for" not in line:
+            assert ui.poll() is None and time.monotonic() < deadline, "optuna-dashboard did not come up"
+            line = ui.stdout.readline() if ui.stdout else ""
+        assert line.split(": ", 1)[1].split()[0] == f"http://127.0.0.1:{port}/dashboard"
+        body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10).read())
+        assert [s["study_name"] for s in body["study_summaries"]] == ["studied"]
+        listening = psutil.net_connections("inet")
+        bound = [c.laddr.ip for c in listening if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert bound and set(bound) == {"127.0.0.1"}, bound
+        server = psutil.Process(ui.pid).children(recursive=True)
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=30)
+    _, alive = psutil.wait_procs(server, timeout=20)
+    assert not alive
