@@ -95,3 +95,25 @@ def test_the_history_report_draws_the_references(tiny_zoo, tmp_path):
     lines = {line.get_label(): line.get_ydata()[0] for line in ax.get_lines() if line.get_label()[0] != "_"}
     lines.pop("Best Value")  # Optuna's own best-so-far line
     assert lines == {"best source: zoo:cp (0.2000)": 0.2, "untuned merge (0.1000)": 0.1}
+
+
+def test_workers_log_their_system_metrics_when_asked(tiny_zoo, tmp_path):
+    """`tracking: {system_metrics: true}`: each worker runs MLflow's own system-metrics
+    monitor into a child run of the search, finished when the worker stops."""
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    cfg = tiny_config(tiny_zoo, name="system", search__trials=4).model_dump()
+    cfg["tracking"] = {"system_metrics": True, "interval_s": 0.2}
+    from evomerge.experiments.config import ExperimentConfig
+
+    run_experiment(
+        ExperimentConfig.model_validate(cfg).resolved(),
+        tmp_path / "run",
+        RunOptions(quiet=True, in_process=True, tracking_uri=uri),
+    )
+    client, exp, parent, _ = _store(uri, "system")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    workers = [r for r in runs if r.data.tags.get("evomerge.kind") == "worker"]
+    assert len(workers) == 1 and workers[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert workers[0].info.status == "FINISHED" and workers[0].info.run_name.startswith("worker-")
+    names = set(workers[0].data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= names, names

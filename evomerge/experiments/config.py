@@ -79,6 +79,16 @@ class SearchConfig(BaseModel):
         return self
 
 
+class TrackingConfig(BaseModel):
+    """What MLflow records beyond the trials."""
+
+    model_config = ConfigDict(extra="forbid")
+    # each worker's CPU, memory, disk, network and (with pynvml) GPU use, through MLflow's own
+    # system-metrics monitor, into a child run of the search per worker
+    system_metrics: bool = False
+    interval_s: float = Field(10.0, gt=0)  # seconds between samples
+
+
 class ExperimentConfig(BaseModel):
     """A merge-search experiment."""
 
@@ -91,6 +101,7 @@ class ExperimentConfig(BaseModel):
     layers: LayerStack | None = None
     fitness: FitnessConfig
     search: SearchConfig = Field(default_factory=SearchConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     workers: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads_per_worker: int | None = Field(None, ge=1)

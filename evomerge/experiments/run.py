@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -377,7 +377,6 @@ def _run_session(cfg, run: RunDir, prep: Prepared, options: RunOptions, resume: 
 
     study = open_study(cfg, run, prep)
     budget = Budget(cfg.search.trials, cfg.search.timeout_minutes * 60 if cfg.search.timeout_minutes else None)
-    dispatcher = make_dispatcher(prep, options)
     started = time.monotonic()
     observer = ProgressObserver(budget.trials, prep.workers, quiet=options.quiet)
     observers: list[Any] = [observer, runlog.trial]
@@ -387,7 +386,14 @@ def _run_session(cfg, run: RunDir, prep: Prepared, options: RunOptions, resume: 
 
         tracker = MlflowTracker(cfg, run, prep.paths, options.tracking_uri)
         observers.append(tracker)
+        prep = replace(prep, spec=replace(prep.spec, monitor=tracker.system_metrics()))
     summary: dict[str, Any] | None = None
+    try:
+        dispatcher = make_dispatcher(prep, options)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(None, "FAILED")
+        raise
     try:
         loop = SearchLoop(
             study,

@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +146,38 @@ def trial_run_id(client, run: RunDir, number: int, uri: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
+@dataclass(frozen=True)
+class SystemMetrics:
+    """A worker's system metrics (CPU, memory, disk, network; GPU with pynvml) through
+    MLflow's own monitor, into a child run of the search named after the worker's host
+    and process. Picklable: the worker calls ``start()`` where it runs (a Ray node) and
+    the returned function when it stops."""
+
+    uri: str
+    experiment_id: str
+    parent_id: str
+    interval_s: float = 10.0
+
+    def start(self) -> Callable[[], None]:
+        import socket
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        name = f"worker-{socket.gethostname()}-{os.getpid()}"
+        tags = {"mlflow.parentRunId": self.parent_id, "evomerge.kind": "worker"}
+        run_id = client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=self.interval_s, tracking_uri=self.uri)
+        monitor.start()
+
+        def stop() -> None:
+            monitor.finish()
+            client.set_terminated(run_id)
+
+        return stop
+
+
 class MlflowTracker:
     """A search-loop observer that records every finished trial as a child run."""
 
@@ -179,6 +213,11 @@ class MlflowTracker:
         self.client.log_text(parent.info.run_id, cfg.to_yaml(), "config.yaml")
         write_json(self.run.tracking, {"tracking_uri": self.uri, "parent_run_id": parent.info.run_id})
         return parent.info.run_id
+
+    def system_metrics(self) -> SystemMetrics | None:
+        """What each worker starts to log its system metrics, when the config asks for them."""
+        t = self.cfg.tracking
+        return SystemMetrics(self.uri, self.experiment_id, self.parent_id, t.interval_s) if t.system_metrics else None
 
     def _log_params(self, run_id: str, cfg: ExperimentConfig) -> None:
         """The search settings as params; MLflow params are write-once, so a resumed run

@@ -47,3 +47,4 @@ class InProcessDispatcher:
 
     def close(self) -> None:
         self.queue.clear()
+        self.worker.stop()

@@ -220,7 +220,13 @@ class RayDispatcher:
         return out
 
     def close(self) -> None:
-        for actor in getattr(self, "actors", []):
+        actors = getattr(self, "actors", [])
+        if actors and self.spec.monitor is not None:  # each actor stops what it started, briefly, then goes
+            try:
+                self.ray.wait([a.stop.remote() for a in actors], num_returns=len(actors), timeout=15)
+            except Exception:
+                pass
+        for actor in actors:
             try:
                 self.ray.kill(actor, no_restart=True)
             except Exception:

@@ -38,6 +38,9 @@ class WorkerSpec:
     dtype: str = "float32"
     threads: int | None = None
     stack: bool = False  # candidates are layer stacks (passthrough slices), evaluated without merging weights
+    # started with the worker, stopped by ``stop``: an object whose ``start()`` returns a stop
+    # function (the experiment's system-metrics logging); the worker knows nothing more of it
+    monitor: Any = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,13 @@ class MergeWorker:
         fitness = FitnessConfig.model_validate(spec.fitness)
         self._fitness = fitness
         self._evaluators: dict[str, Evaluator] = {}
+        self._stop_monitor = spec.monitor.start() if spec.monitor is not None else None
+
+    def stop(self) -> None:
+        """Stop what started with the worker (its system-metrics logging); idempotent."""
+        stop, self._stop_monitor = self._stop_monitor, None
+        if stop is not None:
+            stop()
 
     def evaluator(self, split: str | None) -> Evaluator:
         key = split or self._fitness.split
