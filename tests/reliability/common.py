@@ -4,6 +4,7 @@ file for the real CLI, and the environment its processes run in."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +48,10 @@ def cli_env(store: Path | None = None) -> dict[str, str]:
     if store is not None:
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
     return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

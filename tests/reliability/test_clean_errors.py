@@ -18,17 +18,11 @@ import pytest
 import yaml
 
 from ..cli import one_line_error, run_cli
-from .common import cli_env, write_experiment
+from .common import cli_env, free_port, write_experiment
 
 pytestmark = pytest.mark.slow
 
 MERGE = {"method": "task_arithmetic", "parameters": {"weight": {"low": 0.0, "high": 1.5}}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(zoo: Path, tmp_path: Path, **extra) -> Path:
@@ -59,7 +53,7 @@ def _no_trial_left_running(run: Path) -> None:
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray cluster of its own (one node, 1 CPU, no GPU) started with `ray start`; torn down after."""
-    port = _free_port()
+    port = free_port()
     ray = Path(sys.executable).parent / "ray"  # the ray of this interpreter's environment
     exe = str(ray) if ray.is_file() else shutil.which("ray") or "ray"
     cmd = [exe, "start", "--head", "--port", str(port), "--num-cpus", "1", "--num-gpus", "0"]
@@ -89,7 +83,7 @@ def ray_head(tmp_path):
 
 def test_an_unreachable_ray_address_is_one_line_at_once(tiny_zoo, tmp_path):
     run = tmp_path / "run"
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     start = time.monotonic()
     res = run_cli("run", str(_config(tiny_zoo, tmp_path)), "--out", str(run), "--ray-address", address, "--quiet",
                   env=_env(tmp_path), timeout=120)  # fmt: skip
@@ -171,7 +165,7 @@ def test_a_cuda_index_out_of_range_is_refused(monkeypatch):
 
 
 def test_an_unreachable_tracking_server_is_refused_before_anything_is_written(tiny_zoo, tmp_path):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     run = tmp_path / "run"
     start = time.monotonic()
     res = run_cli("run", str(_config(tiny_zoo, tmp_path)), "--out", str(run), "--tracking-uri", uri, "--quiet",
@@ -189,7 +183,7 @@ def test_export_checks_the_tracking_store_before_writing(tiny_zoo, tmp_path):
     run = tmp_path / "run"
     run_experiment(tiny_config(tiny_zoo, name="errors").resolved(), run, RunOptions(quiet=True, in_process=True,
                    tracking_uri=f"sqlite:///{tmp_path / 'store.db'}"))  # fmt: skip
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     res = run_cli("export", str(run), str(tmp_path / "out"), "--tracking-uri", uri, env=_env(tmp_path))
     assert f"tracking store {uri}: cannot be reached" in one_line_error(res)
     assert not [p for p in tmp_path.iterdir() if p.name == "out" or p.name.startswith(".out")]

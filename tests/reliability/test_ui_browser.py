@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .common import cli_env
+from .common import cli_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -75,12 +74,6 @@ class Cells(HTMLParser):
             self.cells[key] = (self.cells.get(key, "") + " " + data.strip()).strip()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _keep(path: Path) -> None:
     where = os.environ.get("EVOMERGE_SCREENSHOTS")
     if where:
@@ -101,7 +94,7 @@ def test_the_ui_shows_the_best_merge_on_first_load(tiny_zoo, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_config(tiny_zoo, name="browsed", search__trials=10).resolved()
     summary = run_experiment(cfg, run, RunOptions(quiet=True, in_process=True, tracking_uri=uri))
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "evomerge.cli", "ui", str(run), "--tracking-uri", uri, "--port", str(port)]
     ui = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

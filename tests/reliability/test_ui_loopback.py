@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,13 @@ import urllib.request
 
 import pytest
 
+from .common import free_port
+
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ui_binds_loopback_and_serves_the_store(tmp_path):
-    port = _free_port()
+    port = free_port()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     from mlflow.tracking import MlflowClient
 
@@ -88,7 +83,7 @@ def test_optuna_dashboard_serves_the_runs_study_on_loopback(tiny_zoo, tmp_path):
     run = tmp_path / "run"
     run_experiment(tiny_config(tiny_zoo, name="studied").resolved(), run, RunOptions(quiet=True, in_process=True,
                    track=False))  # fmt: skip
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "evomerge.cli", "ui", str(run), "--optuna", "--port", str(port)]
     ui = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
