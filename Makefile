@@ -41,7 +41,7 @@ test: $(STAMP) $(MERGEKIT)
 	$(VENV)/bin/ruff check evomerge tests bench
 	$(VENV)/bin/mypy evomerge
 	RAY_AUTH_MODE=disabled MERGEKIT_YAML=$(MERGEKIT) EVOMERGE_REQUIRE_MERGEKIT=1 \
-		$(PY) -m pytest -q -p no:cacheprovider tests
+		$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) bench/merge_speed.py

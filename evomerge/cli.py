@@ -200,6 +200,10 @@ def _status(args: argparse.Namespace) -> int:
     if info["summary"]:
         s = info["summary"]
         print(f"finished: best trial {s['best_trial']}, test fitness {s['best_test_fitness']:.4f}")
+        busy = s.get("node_busy_fraction") or {}
+        if busy:
+            per = ", ".join(f"{node} {fraction:.2f}" for node, fraction in busy.items())
+            print(f"ray nodes: {s.get('nodes', len(busy))} ({per} worker-seconds per second)")
     return 0
 
 

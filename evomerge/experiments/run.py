@@ -318,16 +318,20 @@ def _trial_counts(study) -> dict[str, int]:
 def _session_figures(run: RunDir, stats: SearchStats, workers: int) -> dict[str, Any]:
     """Samples, busy fraction and wall time of the search; a session that ran no trial
     (the budget was already met) keeps the figures of the session that did."""
-    keys = ("samples_scored", "worker_busy_fraction", "workers", "wall_seconds")
+    keys = ("samples_scored", "worker_busy_fraction", "workers", "wall_seconds", "nodes", "node_busy_fraction")
     if stats.finished == 0 and run.summary.is_file():
         old = json.loads(run.summary.read_text())
-        if all(k in old for k in keys):
-            return {k: old[k] for k in keys}
+        if all(k in old for k in keys[:4]):
+            return {k: old[k] for k in keys if k in old}
+    wall = max(1e-9, stats.wall_seconds)
     return {
         "samples_scored": stats.samples_scored,
-        "worker_busy_fraction": round(stats.busy_seconds / max(1e-9, workers * stats.wall_seconds), 4),
+        "worker_busy_fraction": round(stats.busy_seconds / (workers * wall), 4),
         "workers": workers,
         "wall_seconds": round(stats.wall_seconds, 2),
+        # the Ray nodes that ran trials, and each one's worker seconds per second of search
+        "nodes": len(stats.busy_by_node) or 1,
+        "node_busy_fraction": {node[:12]: round(busy / wall, 4) for node, busy in sorted(stats.busy_by_node.items())},
     }
 
 

@@ -59,6 +59,7 @@ class SearchStats:
     busy_seconds: float = 0.0
     wall_seconds: float = 0.0
     records: list[TrialRecord] = field(default_factory=list)
+    busy_by_node: dict[str, float] = field(default_factory=dict)  # worker seconds per node, when known
 
     @property
     def finished(self) -> int:
@@ -192,6 +193,9 @@ class SearchLoop:
         flight.samples += result.samples
         self.stats.samples_scored += result.samples
         self.stats.busy_seconds += result.merge_seconds + result.score_seconds
+        if result.node is not None:
+            busy = self.stats.busy_by_node
+            busy[result.node] = busy.get(result.node, 0.0) + result.merge_seconds + result.score_seconds
         if not result.ok:
             self._finish(result.key, "FAIL", result)
             return

@@ -109,11 +109,14 @@ class RayDispatcher:
         self.job_timeout = job_timeout
         self.max_retries = max_retries
         cpus = spec.threads or 1
+        self.nodes: dict[int, str | None] = {}
+        self.node_refs: dict[int, Any] = {}
         need = {"GPU": 1.0} if gpus else {"CPU": float(cpus)}
         _check_offered(ray.nodes(), need)
-        self._actor_cls: Any = ray.remote(num_cpus=0 if gpus else cpus, num_gpus=1 if gpus else 0, max_restarts=0)(
-            worker_cls
-        )
+        # SPREAD: on a cluster the workers go to different nodes while there are nodes to spare
+        self._actor_cls: Any = ray.remote(
+            num_cpus=0 if gpus else cpus, num_gpus=1 if gpus else 0, max_restarts=0, scheduling_strategy="SPREAD"
+        )(worker_cls)
         self.actors: list[Any] = [self._start() for _ in range(workers)]
         self._await_ready(need, start_timeout)  # the search clock starts with the pool ready
         self.free: list[int] = [slot for _ in range(queue_depth) for slot in range(workers)]
@@ -122,7 +125,10 @@ class RayDispatcher:
         self.replaced = 0
 
     def _start(self):
-        return self._actor_cls.remote(self.spec)
+        actor = self._actor_cls.remote(self.spec)
+        # asked before any job: an actor runs its calls in order, so the answer is in before its first result
+        self.node_refs[id(actor)] = actor.__ray_call__.remote(_node_id)
+        return actor
 
     def _await_ready(self, need: dict[str, float], timeout: float) -> None:
         """Wait for every actor to hold its sources; an actor that fails to start, or a
@@ -184,7 +190,9 @@ class RayDispatcher:
         self.free.append(run.slot)
         self._restart_clock(run.actor)
         try:
-            return self.ray.get(ref)
+            result = self.ray.get(ref)
+            result.node = self._node(run.actor)
+            return result
         except self.ray.exceptions.RayActorError:
             self._replace(run.actor)
             if run.job.attempt < self.max_retries:
@@ -193,6 +201,16 @@ class RayDispatcher:
             return JobResult(run.job.key, error="worker died twice", fraction=run.job.fraction, split=run.job.split)
         except self.ray.exceptions.RayTaskError as err:
             return JobResult(run.job.key, error=str(err).strip().splitlines()[-1], fraction=run.job.fraction)
+
+    def _node(self, actor) -> str | None:
+        """The Ray node an actor lives on (its answer to the question asked at its start)."""
+        key = id(actor)
+        if key not in self.nodes:
+            try:
+                self.nodes[key] = self.ray.get(self.node_refs[key], timeout=5)
+            except Exception:  # an actor that went away: its results count, its node is unknown
+                self.nodes[key] = None
+        return self.nodes[key]
 
     def _restart_clock(self, actor) -> None:
         """The job queued next on ``actor`` starts now: its timeout counts from here."""
@@ -231,6 +249,13 @@ class RayDispatcher:
                 self.ray.kill(actor, no_restart=True)
             except Exception:
                 pass
+
+
+def _node_id(_worker) -> str:
+    """Run inside an actor: the id of its Ray node."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def _check_offered(nodes: list[dict[str, Any]], need: dict[str, float]) -> None:

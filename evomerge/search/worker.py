@@ -69,6 +69,7 @@ class JobResult:
     fraction: float = 1.0
     split: str | None = None
     per_sample: dict[str, list[bool]] = field(default_factory=dict)
+    node: str | None = None  # where it ran, when the dispatcher knows (a Ray node id)
 
     @property
     def ok(self) -> bool:

@@ -4,7 +4,14 @@ file for the real CLI, and the environment its processes run in."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +62,48 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def ray_cluster(workers: int = 0, cpus: int = 1) -> Iterator[str]:
+    """A real Ray cluster on this machine: a head and ``workers`` worker nodes, each its own
+    raylet started with `ray start --block` in a process group of its own, ``cpus`` CPUs
+    and no GPU each. Yields the head's address; kills every node after."""
+    port = free_port()
+    local = Path(sys.executable).parent / "ray"  # the ray of this interpreter's environment
+    exe = str(local) if local.is_file() else "ray"
+    common = ["--num-cpus", str(cpus), "--num-gpus", "0", "--disable-usage-stats", "--block"]
+    head = [exe, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1"]
+    head += ["--include-dashboard=false", *common]
+    nodes: list[subprocess.Popen] = []
+
+    def start(cmd: list[str]) -> None:
+        out = subprocess.DEVNULL
+        nodes.append(subprocess.Popen(cmd, env=cli_env(), start_new_session=True, stdout=out, stderr=out))
+
+    try:
+        start(head)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert nodes[0].poll() is None and time.monotonic() < deadline, "ray start did not come up"
+                time.sleep(0.5)
+        for _ in range(workers):
+            start([exe, "start", "--address", f"127.0.0.1:{port}", *common])
+        time.sleep(3 + 3 * workers)  # the raylets register with the GCS
+        assert all(n.poll() is None for n in nodes), "a Ray node exited"
+        yield f"127.0.0.1:{port}"
+    finally:
+        for node in reversed(nodes):
+            try:
+                os.killpg(node.pid, signal.SIGKILL)  # a node's raylet and workers share its process group
+            except ProcessLookupError:
+                pass
+            node.wait()
+        # `ray start` records its cluster for later `ray.init()` calls to join; it is gone now
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()

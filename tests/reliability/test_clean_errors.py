@@ -4,13 +4,9 @@ and the run directory left as it was or resumable."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +14,7 @@ import pytest
 import yaml
 
 from ..cli import one_line_error, run_cli
-from .common import cli_env, free_port, write_experiment
+from .common import cli_env, free_port, ray_cluster, write_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -51,34 +47,10 @@ def _no_trial_left_running(run: Path) -> None:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
     """A Ray cluster of its own (one node, 1 CPU, no GPU) started with `ray start`; torn down after."""
-    port = free_port()
-    ray = Path(sys.executable).parent / "ray"  # the ray of this interpreter's environment
-    exe = str(ray) if ray.is_file() else shutil.which("ray") or "ray"
-    cmd = [exe, "start", "--head", "--port", str(port), "--num-cpus", "1", "--num-gpus", "0"]
-    cmd += ["--node-ip-address", "127.0.0.1", "--include-dashboard=false", "--disable-usage-stats", "--block"]
-    head = subprocess.Popen(
-        cmd, env=cli_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert head.poll() is None and time.monotonic() < deadline, "ray start did not come up"
-                time.sleep(0.5)
-        time.sleep(3)  # the raylet registers with the GCS
-        yield f"127.0.0.1:{port}"
-    finally:
-        os.killpg(head.pid, signal.SIGKILL)  # the head's GCS, raylet and workers share its process group
-        head.wait()
-        # `ray start` records its cluster for later `ray.init()` calls to join; it is gone now
-        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
-            current.unlink()
+    with ray_cluster(workers=0) as address:
+        yield address
 
 
 def test_an_unreachable_ray_address_is_one_line_at_once(tiny_zoo, tmp_path):
@@ -127,11 +99,11 @@ def test_a_cluster_without_the_resources_is_one_line_never_a_wait(tiny_zoo, tmp_
     wide = _config(tiny_zoo, tmp_path, threads_per_worker=4)
     err = one_line_error(run_cli("run", str(wide), "--out", str(tmp_path / "b"), "--ray-address", ray_head, env=env))
     assert "a worker needs 4 CPUs, but the largest of the Ray cluster's 1 node(s) has 1" in err
-    two = _config(tiny_zoo, tmp_path, workers=2, threads_per_worker=1, worker_start_timeout_s=20)
+    two = _config(tiny_zoo, tmp_path, workers=2, threads_per_worker=1, worker_start_timeout_s=10)
     start = time.monotonic()
     res = run_cli("run", str(two), "--out", str(tmp_path / "c"), "--ray-address", ray_head, env=env, timeout=240)
     err = one_line_error(res)
-    assert "did not start within 20 s" in err and time.monotonic() - start < 200
+    assert "did not start within 10 s" in err and time.monotonic() - start < 200
     _no_trial_left_running(tmp_path / "c")
 
 

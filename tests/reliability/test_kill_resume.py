@@ -176,15 +176,15 @@ def _run_until(cmd: list[str], env: dict[str, str], run: Path, complete: int) ->
 
 def test_kill_9_twice_with_two_workers_then_resume_meets_the_budget(tiny_zoo, tmp_path):
     """Two workers, two jobs queued on each: every kill cuts several trials short. Killed
-    after about 8 and about 16 of 24 trials (the second time during a resume), then
-    resumed: 24 evaluated trials, every interrupted parameter set run again, none
+    after about 6 and about 12 of 18 trials (the second time during a resume), then
+    resumed: 18 evaluated trials, every interrupted parameter set run again, none
     left waiting, one MLflow child run per trial."""
-    path, run, env = _experiment(tiny_zoo, tmp_path, 24, workers=2)
-    _run_until([sys.executable, "-m", "evomerge.cli", "run", str(path), "--out", str(run), "--quiet"], env, run, 8)
+    path, run, env = _experiment(tiny_zoo, tmp_path, 18, workers=2)
+    _run_until([sys.executable, "-m", "evomerge.cli", "run", str(path), "--out", str(run), "--quiet"], env, run, 6)
     before = {t.number: t.value for t in _finished(run, "killed") if t.state.name == "COMPLETE"}
-    _run_until([sys.executable, "-m", "evomerge.cli", "resume", str(run), "--quiet"], env, run, 16)
+    _run_until([sys.executable, "-m", "evomerge.cli", "resume", str(run), "--quiet"], env, run, 12)
     assert any(is_interrupted(t) for t in _finished(run, "killed"))
-    _resume_and_check(run, env, 24, before)
+    _resume_and_check(run, env, 18, before)
 
 
 def test_kill_9_during_a_resumes_own_start_then_resume(tiny_zoo, tmp_path):

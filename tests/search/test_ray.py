@@ -56,7 +56,8 @@ def test_run_experiment_on_ray_writes_summary(ray_cluster, tiny_cfg, tmp_path):
     cfg = tiny_cfg(workers=2)
     summary = run_experiment(cfg, tmp_path / "run", RunOptions(quiet=True))
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert saved["trials"] == {"complete": 6, "pruned": 0, "failed": 0}
+    assert saved["trials"] == {"complete": 6, "pruned": 0, "failed": 0, "interrupted": 0}
+    assert saved["nodes"] == 1 and len(saved["node_busy_fraction"]) == 1  # a local Ray: one node
     for key in (
         "best_trial",
         "best_fitness",
