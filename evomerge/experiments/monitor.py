@@ -41,7 +41,7 @@ class ProgressObserver:
         total = f"/{self.total}" if self.total else ""
         best = f"{self.best:.4f} (trial {self.best_trial})" if self.best is not None else "-"
         return (
-            f"trials {stats.finished}{total} (complete {stats.complete}, pruned {stats.pruned}, "
+            f"trials {stats.earlier + stats.finished}{total} (complete {stats.complete}, pruned {stats.pruned}, "
             f"failed {stats.failed})  best {best}  workers busy {util:.0%}  {elapsed:.0f} s"
         )
 
@@ -60,6 +60,6 @@ class ProgressObserver:
             return
         if self._live is not None:
             self._live.update(self._render(stats))
-        elif improved or record.state == "FAIL" or stats.finished == self.total:
+        elif improved or record.state == "FAIL" or stats.earlier + stats.finished == self.total:
             extra = f"  [trial {record.number} failed: {record.error}]" if record.state == "FAIL" else ""
             print(self._line(stats) + extra, file=sys.stderr, flush=True)

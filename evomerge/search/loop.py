@@ -60,6 +60,7 @@ class SearchStats:
     wall_seconds: float = 0.0
     records: list[TrialRecord] = field(default_factory=list)
     busy_by_node: dict[str, float] = field(default_factory=dict)  # worker seconds per node, when known
+    earlier: int = 0  # trials that earlier sessions evaluated (they count towards the budget)
 
     @property
     def finished(self) -> int:
@@ -217,6 +218,7 @@ class SearchLoop:
 
         start = time.monotonic()
         self.earlier = recover_interrupted(self.study, self.space)
+        self.stats.earlier = self.earlier
         complete = self.study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
         for trial in complete:
             r = record_from_trial(trial, self.space)  # a resumed run reuses what was scored

@@ -95,6 +95,7 @@ def test_interrupted_trials_are_failed_retried_and_not_counted_in_the_budget(tin
     assert retried[0].state == optuna.trial.TrialState.COMPLETE
     # the budget counts evaluated trials: 2 before + its retry + 2 new = 5; the stale FAIL does not count
     assert len(trials) == 6 and stats.finished == 3 and is_interrupted(trials[stale.number])
+    assert stats.earlier == 2  # what the progress line adds to this session's count
     assert sum(not is_interrupted(t) for t in trials) == 5
     # the retry repeats the interrupted trial's random stream (DARE masks): same tensors, same score
     recipe = prep.space.recipe(params).to_dict()
