@@ -33,7 +33,13 @@ def test_the_store_shows_the_search_at_a_glance(tiny_zoo, tmp_path):
     # the experiment opens in the model-training view, with a runs table sorted by fitness
     assert exp.tags["mlflow.experimentKind"] == EXPERIMENT_KIND
     view = json.loads(exp.tags[f"mlflow.sharedViewState.{VIEW_KEY}"])
-    assert view["orderByKey"] == "metrics.`fitness`" and view["orderByAsc"] is False
+    assert view["orderByKey"] == "metrics.`test_fitness`" and view["orderByAsc"] is False
+    # the untuned merge is a run too, beside the sources, with its search and test fitness
+    baseline = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("evomerge.kind") == "baseline"]
+    assert [r.info.run_name for r in baseline] == ["untuned merge"]
+    default = summary["baselines"]["default_merge"]
+    assert baseline[0].data.metrics["test_fitness"] == default["test_fitness"]
+    assert baseline[0].data.metrics["fitness"] == default["fitness"]
     first = ["metrics.`fitness`", "metrics.`validation_fitness`", "metrics.`test_fitness`"]
     assert view["selectedColumns"][:3] == first and view["columnOrder"][:3] == first
     assert "metrics.`acc.rev`" in view["selectedColumns"]

@@ -5,8 +5,9 @@ MLflow 3.x opens an experiment in its GenAI view unless the experiment's
 view). Its runs table shows no metric columns and nests child runs under their parent
 unless told otherwise; a view kept in the experiment tag
 ``mlflow.sharedViewState.<key>`` and opened with ``?viewStateShareKey=<key>`` tells it:
-runs sorted by fitness (sorted runs are listed flat, children included), with the
-fitness, validation, test and per-task columns. The parent run carries the search
+runs sorted by test fitness, which only the picked best, the untuned merge and the
+sources carry, so those come first, side by side (sorted runs are listed flat, children
+included), with the fitness, validation, test and per-task columns. The parent run carries the search
 settings as params, a Markdown description (``mlflow.note.content``) with the summary
 table, the winning recipe and the export, and one point per finished trial of
 ``trial_fitness`` and ``best_so_far`` (step = trial number). The best trial's child
@@ -37,8 +38,11 @@ def columns(tasks: list[str]) -> list[str]:
 def view_state(tasks: list[str]) -> str:
     """The shared view of the runs table (MLflow's column keys are ``metrics.`name```)."""
     keys = [f"metrics.`{c}`" for c in columns(tasks)]
+    # sorted by test fitness: the rows that have one (the picked best, the untuned merge and
+    # the sources) come first, side by side, in the order the held-out split ranks them;
+    # every other trial follows (the search fitness column sorts them on a click)
     state = {
-        "orderByKey": "metrics.`fitness`",
+        "orderByKey": "metrics.`test_fitness`",
         "orderByAsc": False,
         "searchFilter": "",
         "selectedColumns": keys,

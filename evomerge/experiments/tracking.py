@@ -357,6 +357,34 @@ class MlflowTracker:
                 tags=[RunTag(k, v) for k, v in tags.items()],
             )
             self.client.set_terminated(child.info.run_id)
+        self._log_baselines(summary)
+
+    def _log_baselines(self, summary: dict[str, Any]) -> None:
+        """The search's starting point (the untuned merge, or a stack search's start) as a
+        child run tagged ``evomerge.kind=baseline``, so the runs table shows it beside the
+        best merge and the sources (once per run)."""
+        from mlflow.entities import Metric
+
+        done = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.`evomerge.kind` = 'baseline'",
+            max_results=100,
+        )
+        seen = {r.data.tags.get("baseline") for r in done}
+        for key, scores in summary.get("baselines", {}).items():
+            if key in seen or scores.get("test_fitness") is None:
+                continue
+            name = "untuned merge" if key == "default_merge" else key
+            tags = {"mlflow.parentRunId": self.parent_id, "evomerge.kind": "baseline", "baseline": key}
+            child = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+            metrics = {"test_fitness": scores["test_fitness"], "fitness": scores.get("fitness")}
+            metrics |= {f"acc.{t}": v for t, v in (scores.get("tasks") or {}).items()}
+            metrics |= {f"test.acc.{t}": v for t, v in (scores.get("test_tasks") or {}).items()}
+            stamp = int(time.time() * 1000)
+            self.client.log_batch(
+                child.info.run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items() if v is not None]
+            )
+            self.client.set_terminated(child.info.run_id)
 
 
 def log_lineage(tree_json: dict[str, Any], png: Path, target: Path, uri: str | None = None) -> str:

@@ -1,6 +1,7 @@
 """`evomerge ui` looked at in a real headless browser (Debian's Chromium): on first load,
-with no click, the runs table shows the best merge at the top with its fitness, beside
-the source models; the parent run charts the search; SIGTERM stops the whole server.
+with no click, the runs table's first rows are the best merge, the untuned merge and the
+source models side by side with their fitness; the parent run charts the search;
+SIGTERM stops the whole server.
 
 Chromium renders the page (`--dump-dom` after the page's scripts ran, `--screenshot`);
 the test reads the runs table's cells from the rendered DOM. Screenshots go to the test's
@@ -110,14 +111,19 @@ def test_the_ui_shows_the_best_merge_on_first_load(tiny_zoo, tmp_path):
         table.feed(render(url, tmp_path / "profile", shot))
         _keep(shot)
         cells = table.cells
+        # the first six rows: the picked best, the untuned merge and the four sources, ranked by test
+        # fitness, each with its search and test fitness; every other trial below them
+        first = {cells[(r, "attributes.`Run Name`")].split()[-1]: r for r in range(6)}
         best = summary["best_trial"]
-        assert cells[(0, "attributes.`Run Name`")].endswith(f"trial-{best} (best)")
-        assert float(cells[(0, "metrics.`fitness`")]) == pytest.approx(summary["best_fitness"], abs=1e-9)
-        assert float(cells[(0, "metrics.`test_fitness`")]) == pytest.approx(summary["best_test_fitness"], abs=1e-9)
-        rows = sorted({r for r, _ in cells})
-        names = [cells.get((r, "attributes.`Run Name`"), "") for r in rows]
-        sources = [r for r, name in zip(rows, names) if name.split()[-1].startswith("source-")]
-        assert len(sources) == 4 and all((r, "metrics.`fitness`") in cells for r in sources)  # beside the best
+        names = {"(best)", "merge", "source-base", "source-cp", "source-rev", "source-sort"}
+        assert set(first) == names, first
+        row = first["(best)"]
+        assert cells[(row, "attributes.`Run Name`")].endswith(f"trial-{best} (best)")
+        assert float(cells[(row, "metrics.`fitness`")]) == pytest.approx(summary["best_fitness"], abs=1e-9)
+        assert float(cells[(row, "metrics.`test_fitness`")]) == pytest.approx(summary["best_test_fitness"], abs=1e-9)
+        tests = [float(cells[(r, "metrics.`test_fitness`")]) for r in range(6)]
+        assert tests == sorted(tests, reverse=True) and all((r, "metrics.`fitness`") in cells for r in range(6))
+        assert cells[(6, "metrics.`test_fitness`")] == "-"  # the other trials follow
         # the parent run charts the search: a point per trial, and the best so far
         parent = next(
             r for r in MlflowClient(uri).search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags
