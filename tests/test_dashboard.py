@@ -30,7 +30,7 @@ def test_the_store_shows_the_search_at_a_glance(tiny_zoo, tmp_path):
     cfg = tiny_config(tiny_zoo, name="glance", search__trials=8).resolved()
     summary = run_experiment(cfg, out, RunOptions(quiet=True, in_process=True, tracking_uri=uri))
     client, exp, parent, children = _store(uri, "glance")
-    # the experiment opens in the model-training view, with a runs table sorted by fitness
+    # the experiment opens in the model-training view, with a runs table sorted by test fitness
     assert exp.tags["mlflow.experimentKind"] == EXPERIMENT_KIND
     view = json.loads(exp.tags[f"mlflow.sharedViewState.{VIEW_KEY}"])
     assert view["orderByKey"] == "metrics.`test_fitness`" and view["orderByAsc"] is False
