@@ -87,10 +87,16 @@ TINY = ZooRecipe(
 )
 
 
+def cache_root() -> Path:
+    """evomerge's per-user cache: ``$EVOMERGE_CACHE/evomerge``, else ``$XDG_CACHE_HOME/evomerge``,
+    else ``~/.cache/evomerge``."""
+    root = os.environ.get("EVOMERGE_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "evomerge"
+
+
 def default_zoo_dir() -> Path:
     """The per-user cache directory for the demo zoo."""
-    root = os.environ.get("EVOMERGE_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "evomerge" / "zoo"
+    return cache_root() / "zoo"
 
 
 def _llama(recipe: ZooRecipe):
