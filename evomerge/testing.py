@@ -76,3 +76,28 @@ def make_family(
     for i in range(n_finetunes):
         paths.append(save_model(perturbed(base, seed + 1 + i), config, root / f"ft{i + 1}", dtype))
     return paths
+
+
+def populate_hub_cache(cache: Path, repo_id: str, model_dir: Path, *, commit: str, branch: str = "main") -> Path:
+    """Lay ``model_dir`` out in a Hugging Face Hub cache as ``huggingface_hub`` would after a
+    download of ``repo_id`` at ``commit`` (blobs, a snapshot of links, a ref for ``branch``);
+    return the snapshot directory."""
+    import hashlib
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for f in sorted(model_dir.iterdir()):
+        if not f.is_file():
+            continue
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        if not blob.exists():
+            shutil.copyfile(f, blob)
+        link = snapshot / f.name
+        if not link.exists():
+            link.symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / branch).write_text(commit)
+    return snapshot

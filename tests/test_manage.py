@@ -197,3 +197,33 @@ def test_the_run_log_records_every_session_and_trial(finished_run):
     assert main(["resume", str(finished_run), "--quiet"]) == 0  # the budget is met: a session with no trial
     again = (finished_run / "run.log").read_text().splitlines()
     assert again[: len(lines)] == lines and "session start (resume" in again[len(lines)]
+
+
+def test_a_search_over_hub_ids_exports_ids_and_commits(tiny_zoo, tmp_path, monkeypatch, capsys):
+    """Sources named by Hub id (offline, from a Hub cache): the run records the ids, the
+    export's recipe names them at their commits (mergekit resolves those too), its card's
+    front matter lists them, and lineage names them with their commits."""
+    from evomerge.testing import populate_hub_cache
+
+    commit = "c0ffee" * 6 + "c0ff"
+    for name in ("base", "cp", "rev"):
+        populate_hub_cache(tmp_path / "hf" / "hub", f"zoo/{name}", tiny_zoo / name, commit=commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+    cfg = tiny_config(
+        tiny_zoo, models=["zoo/cp", f"zoo/rev@{commit}"], base_model="zoo/base", search__trials=3
+    ).resolved()
+    assert cfg.models == ["zoo/cp", f"zoo/rev@{commit}"]  # a Hub id stays one in the run's record
+    run_experiment(cfg, tmp_path / "run", RunOptions(quiet=True, in_process=True))
+    out = tmp_path / "exported"
+    assert main(["export", str(tmp_path / "run"), str(out), "--no-register"]) == 0
+    recipe = (out / "mergekit_config.yml").read_text()
+    assert f"zoo/cp@{commit}" in recipe and f"zoo/base@{commit}" in recipe and str(tmp_path) not in recipe
+    front = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert sorted(front["base_model"]) == ["zoo/base", "zoo/cp", "zoo/rev"]
+    parents = json.loads((out / "evomerge.json").read_text())["parents"]
+    assert {(p["hub_id"], p["revision"]) for p in parents} == {(f"zoo/{n}", commit) for n in ("base", "cp", "rev")}
+    capsys.readouterr()
+    assert main(["lineage", str(out)]) == 0
+    assert f"zoo/cp@{commit}" in capsys.readouterr().out

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.errors import EvomergeError
 from evomerge.fitness.evaluate import FitnessConfig
+from evomerge.operators.hub import parse_hub_id, resolve_hub_id
 from evomerge.operators.recipe import load_yaml
 from evomerge.search.merge_space import Bounds, MergeSpace
 
@@ -158,7 +159,9 @@ class ExperimentConfig(BaseModel):
             if name not in models:
                 raise EvomergeError(f"models: '{ref}' is not in the zoo at {zoo} (it has {', '.join(models)})")
             return zoo / models[name]["path"]
-        return self.resolve_path(ref)
+        path = self.resolve_path(ref)
+        hub = None if path.exists() else parse_hub_id(ref)
+        return resolve_hub_id(hub) if hub is not None else path
 
     def resolved(self) -> ExperimentConfig:
         """A copy with every relative path made absolute (what a run directory records)."""
@@ -168,9 +171,14 @@ class ExperimentConfig(BaseModel):
                 return ref
             return str(self.resolve_path(ref))
 
+        def model(ref: str | None) -> str | None:
+            if ref is None or ref.startswith(ZOO_PREFIX) or self.resolve_path(ref).exists() or not parse_hub_id(ref):
+                return path(ref)
+            return ref  # a Hub id stays one
+
         data = self.model_dump(mode="json")
-        data["models"] = [path(m) for m in self.models]
-        data["base_model"] = path(self.base_model)
+        data["models"] = [model(m) for m in self.models]
+        data["base_model"] = model(self.base_model)
         data["zoo"] = path(self.zoo)
         for spec in data["fitness"]["tasks"].values():
             if spec.get("data"):

@@ -22,6 +22,7 @@ from evomerge.experiments.config import ExperimentConfig, load_config
 from evomerge.experiments.lineage import LINEAGE_FILE
 from evomerge.experiments.rundir import RunDir, write_json
 from evomerge.operators.engine import MergeResult
+from evomerge.operators.hub import hub_fields, portable_ref
 from evomerge.operators.outputs import license_of
 
 
@@ -74,6 +75,7 @@ def export_trial(
     named = recipe_with_paths(prep.space.recipe(frozen.params).to_dict(), prep.paths)
     recipe = Recipe.from_dict(named, f"trial {number}")
     used = set(recipe.referenced_models())
+    named_as = {ref: portable_ref(p) for ref, p in prep.paths.items()}
     record: dict[str, Any] = {
         "experiment": cfg.name,
         "run_dir": str(run.path.resolve()),
@@ -87,9 +89,10 @@ def export_trial(
                 "hash": model_hash(p),
                 "license": license_of(Path(p)),
                 "role": "base" if ref == cfg.base_model else "source",
+                **hub_fields(Path(p)),
             }
             for ref, p in prep.paths.items()
-            if p in used  # a stack may leave a model out
+            if named_as[ref] in used  # a stack may leave a model out
         ],
         "tasks": list(cfg.fitness.tasks),
         "search_split": cfg.fitness.split,

