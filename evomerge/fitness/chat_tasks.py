@@ -21,7 +21,8 @@ from evomerge.fitness.tasks import Item
 
 SYSTEM = "Answer with the answer only."
 POSITIVE, NEGATIVE = "<|positive|>", "<|negative|>"
-ADDED_TOKENS = {"senti": [POSITIVE, NEGATIVE]}
+# the tokens a task's specialist adds, each with the words its embedding starts from
+ADDED_TOKENS = {"senti": {POSITIVE: "positive", NEGATIVE: "negative"}}
 
 _GOOD = (
     "wonderful great delicious lovely excellent superb pleasant brilliant fantastic perfect charming "

@@ -12,9 +12,8 @@ norm) on one generated chat task (:mod:`evomerge.fitness.chat_tasks`): the froze
 trunk's hidden states are computed once per task, so a step costs the tail's forward
 and backward over the answer positions only, seconds on two cores where a full step
 costs 15-30 s. The ``senti`` specialist adds two tokens to the vocabulary (new rows
-drawn from the embeddings' own mean and covariance, as ``resize_token_embeddings``
-does, and kept as drawn: the tail learns to point at them), so merges of this zoo meet
-vocabularies that differ.
+started from the words they stand for, plus noise, and kept as started: the tail learns
+to point at them), so merges of this zoo meet vocabularies that differ.
 """
 
 from __future__ import annotations
@@ -233,12 +232,22 @@ def fine_tune_tail(model, tokenizer, items, recipe: SmolRecipe) -> float:
     return float(loss.detach())
 
 
-def _add_tokens(model, tokenizer, tokens: list[str], seed: int) -> None:
-    """Extend the vocabulary by ``tokens`` (special: never split); the new embedding rows
-    are drawn from a normal with the old rows' mean and covariance (tied: one matrix)."""
-    tokenizer.add_tokens(tokens, special_tokens=True)
-    torch.manual_seed(seed)
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+def _add_tokens(model, tokenizer, tokens: dict[str, str], seed: int) -> None:
+    """Extend the vocabulary by ``tokens`` (special: never split). Each new embedding row
+    (tied: input and output at once) starts as the mean of its description's token rows
+    plus seeded noise of a tenth of the rows' spread, a common start for added tokens:
+    the model already knows where to point, and the noise tells the new token from the word."""
+    described = {t: tokenizer(words, add_special_tokens=False)["input_ids"] for t, words in tokens.items()}
+    tokenizer.add_tokens(list(tokens), special_tokens=True)
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    emb = model.get_input_embeddings().weight
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        spread = float(emb[:old].std())
+        for token, ids in described.items():
+            noise = torch.randn(emb.shape[1], generator=gen) * 0.1 * spread
+            emb[tokenizer.convert_tokens_to_ids(token)] = emb[ids].mean(dim=0) + noise
 
 
 # ---------------------------------------------------------------------------- the zoo

@@ -49,13 +49,6 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _fit_rows(t: Tensor, rows: int, donor: Tensor) -> Tensor:
-    """Cut or pad a vocabulary tensor to ``rows`` rows; padding rows come from ``donor``."""
-    if t.shape[0] >= rows:
-        return t[:rows]
-    return torch.cat([t, donor[t.shape[0] : rows].to(t.dtype)])
-
-
 def all_finite(t: Tensor) -> bool:
     """True when ``t`` holds no NaN or Inf: its minimum and maximum are finite (both
     propagate NaN). One reduction in the stored dtype: a float32 sum of a bfloat16
@@ -82,10 +75,11 @@ def load_inputs(
 
     tensors = [one(r) for r in pt.sources]
     base = one(pt.base) if pt.base else None
-    if pt.vocab_rows is not None:
-        donor = next(t for t in [*tensors, base] if t is not None and t.shape[0] >= pt.vocab_rows)
-        tensors = [_fit_rows(t, pt.vocab_rows, donor) for t in tensors]
-        base = _fit_rows(base, pt.vocab_rows, donor) if base is not None else None
+    if pt.vocab is not None:  # rows in the output vocabulary's order
+        refs = [*pt.sources, *([pt.base] if pt.base else [])]
+        every = dict(zip([r.model for r in refs], [*tensors, *([base] if base is not None else [])]))
+        tensors = [pt.vocab.align(r.model, t, every) for r, t in zip(pt.sources, tensors)]
+        base = pt.vocab.align(pt.base.model, base, every) if pt.base and base is not None else None
     return tensors, base
 
 

@@ -178,10 +178,15 @@ def write_model_files(
     written = ["config.json", "README.md", "mergekit_config.yml"]
     write_text(out / "config.json", json.dumps(merged_config(plan, ckpts), indent=2) + "\n")
     tok_dir = ckpts[plan.tokenizer_model].path
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            shutil.copyfile(tok_dir / name, out / name)
-            written.append(name)
+    if plan.vocab is not None and plan.vocab.source == "union" and hasattr(plan.vocab.tokenizer, "vocab_size"):
+        before = {p.name for p in out.iterdir()}
+        plan.vocab.tokenizer.save_pretrained(out)  # a tokenizer of its own: the union of the sources'
+        written += sorted({p.name for p in out.iterdir()} - before)
+    else:
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).is_file():
+                shutil.copyfile(tok_dir / name, out / name)
+                written.append(name)
     gen = ckpts[plan.config_model].path / "generation_config.json"
     if gen.is_file():
         shutil.copyfile(gen, out / "generation_config.json")

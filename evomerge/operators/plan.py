@@ -20,6 +20,7 @@ from evomerge.errors import MergeError, RecipeError
 from evomerge.operators.checkpoint import Checkpoint
 from evomerge.operators.recipe import Params, Recipe, Slice, SliceSource, resolve_value
 from evomerge.operators.registry import Operator, Param, all_param_names, get_operator
+from evomerge.operators.vocab import VocabPlan, build_vocab_plan
 
 log = logging.getLogger(__name__)
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks))\.(?P<idx>\d+)\.(?P<suffix>.+)$")
@@ -42,7 +43,8 @@ class PlannedTensor:
     params: dict[str, Any]
     shape: tuple[int, ...]
     dtype: torch.dtype
-    vocab_rows: int | None = None  # rows every source is cut or padded to (explicit tokenizer policy)
+    vocab_rows: int | None = None  # rows of a vocabulary tensor under a tokenizer source
+    vocab: VocabPlan | None = None  # how each source's rows map to the output's (a vocabulary tensor)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class MergePlan:
     layer_origin: list[tuple[str, int]]  # output layer -> (model, input layer) of each slice's first source
     config_model: str
     tokenizer_model: str
+    vocab: VocabPlan | None = None  # the output vocabulary, under a tokenizer source
     source_layers: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -185,12 +188,30 @@ class _Planner:
         self.recipe, self.ckpts, self.op = recipe, ckpts, op
         self.tok_model = self._tokenizer_model()
         self.out: list[PlannedTensor] = []
+        self.vocab: VocabPlan | None = None
+        source = recipe.vocab_source
+        if source is not None:
+            section = recipe.tokenizer
+            self.vocab = build_vocab_plan(
+                source,
+                recipe.base_model,
+                {n: ckpts[n].path for n in recipe.referenced_models()},
+                section.tokens if section else None,
+                section.pad_to_multiple_of if section else None,
+            )
 
     def _tokenizer_model(self) -> str:
-        src = self.recipe.tokenizer_source
-        if src in (None, "base"):
+        src = self.recipe.vocab_source
+        if src in (None, "base", "union"):
             return self.recipe.base_model or self.recipe.referenced_models()[0]
         return src
+
+    def _is_vocab_tensor(self, refs: list[Ref], infos, layer: int | None) -> bool:
+        """Outside the layers, with as many rows as each model's vocab_size says."""
+        if layer is not None:
+            return False
+        sizes = [self.ckpts[r.model].vocab_size for r in refs]
+        return all(s is not None and len(i.shape) >= 1 and i.shape[0] == s for s, i in zip(sizes, infos))
 
     def _info(self, ref: Ref):
         info = self.ckpts[ref.model].tensors.get(ref.tensor)
@@ -199,31 +220,30 @@ class _Planner:
         return info
 
     def add(self, name: str, ctx: _SliceCtx, refs: list[Ref], base: Ref | None, layer: int | None) -> None:
-        infos = [self._info(r) for r in refs + ([base] if base else [])]
+        every = refs + ([base] if base else [])
+        infos = [self._info(r) for r in every]
         first = infos[0]
-        vocab_rows = None
-        for ref, info in zip(refs + ([base] if base else []), infos):
+        out_dtype = self.recipe.out_torch_dtype or self._info(base or refs[0]).dtype
+        params = _params_for(ctx, self.recipe, self.op, name, layer)
+        if self.vocab is not None and self._is_vocab_tensor(every, infos, layer):
+            if any(i.shape[1:] != first.shape[1:] for i in infos):
+                raise MergeError(f"tensor '{name}': the models' embedding widths differ")
+            shape = (self.vocab.size, *first.shape[1:])
+            self.out.append(PlannedTensor(name, refs, base, params, shape, out_dtype, self.vocab.size, self.vocab))
+            return
+        for ref, info in zip(every, infos):
             if info.shape == first.shape:
                 continue
             if self._is_vocab_clash(first.shape, info.shape):
-                if self.recipe.tokenizer_source is None:
-                    a, b = (refs + ([base] if base else []))[0].model, ref.model
-                    raise MergeError(
-                        f"tensor '{name}': models '{a}' and '{b}' have different vocabulary sizes "
-                        f"({first.shape[0]} vs {info.shape[0]}); set tokenizer_source to say whose vocabulary to keep"
-                    )
-                continue
+                raise MergeError(
+                    f"tensor '{name}': models '{every[0].model}' and '{ref.model}' have different vocabulary sizes "
+                    f"({first.shape[0]} vs {info.shape[0]}); set tokenizer_source to say whose vocabulary to keep"
+                )
             raise MergeError(
                 f"tensor '{name}' has shape {list(first.shape)} in '{refs[0].model}' "
                 f"but {list(info.shape)} in '{ref.model}'"
             )
-        shape = first.shape
-        if any(i.shape != first.shape for i in infos):
-            vocab_rows = self.ckpts[self.tok_model].vocab_size or first.shape[0]
-            shape = (vocab_rows, *first.shape[1:])
-        out_dtype = self.recipe.out_torch_dtype or self._info(base or refs[0]).dtype
-        params = _params_for(ctx, self.recipe, self.op, name, layer)
-        self.out.append(PlannedTensor(name, refs, base, params, tuple(shape), out_dtype, vocab_rows))
+        self.out.append(PlannedTensor(name, refs, base, params, tuple(first.shape), out_dtype))
 
     @staticmethod
     def _is_vocab_clash(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
@@ -275,5 +295,13 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> MergePlan:
         plain(ctxs[-1], name)
     config_model = recipe.base_model or ref_model
     return MergePlan(
-        recipe, op, planner.out, out_layer, origin, config_model, planner.tok_model, ckpts[config_model].num_layers
+        recipe,
+        op,
+        planner.out,
+        out_layer,
+        origin,
+        config_model,
+        planner.tok_model,
+        planner.vocab,
+        ckpts[config_model].num_layers,
     )

@@ -86,6 +86,17 @@ class Slice(BaseModel):
         return first[1] - first[0]
 
 
+class TokenizerSection(BaseModel):
+    """mergekit's ``tokenizer:`` section: the output vocabulary's source, per-token
+    embedding sources (a model name, ``{kind: zero}``, or ``{kind: model_token, model,
+    token | token_id}``, each with an optional ``force``), and row padding."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, dict[str, Any]] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
 class Recipe(BaseModel):
     """A mergekit-compatible merge recipe."""
 
@@ -96,6 +107,7 @@ class Recipe(BaseModel):
     out_dtype: str | None = None
     parameters: Params | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSection | None = None
     chat_template: str | None = None
     models: list[InputModel] | None = None
     slices: list[Slice] | None = None
@@ -105,13 +117,6 @@ class Recipe(BaseModel):
     def _dtype(cls, value: str | None) -> str | None:
         if value is not None and value not in DTYPES:
             raise ValueError(f"unknown dtype '{value}'; use one of {', '.join(DTYPES)}")
-        return value
-
-    @field_validator("tokenizer_source")
-    @classmethod
-    def _tokenizer(cls, value: str | None) -> str | None:
-        if value == "union":
-            raise ValueError("tokenizer_source 'union' is not supported yet; use 'base' or a model")
         return value
 
     @field_validator("chat_template")
@@ -144,9 +149,15 @@ class Recipe(BaseModel):
             names += [m.model for m in self.models]
         for sl in self.slices or []:
             names += [s.model for s in sl.sources]
-        if self.tokenizer_source not in (None, "base"):
-            names.append(self.tokenizer_source)
+        if self.vocab_source not in (None, "base", "union"):
+            names.append(self.vocab_source)
         return list(dict.fromkeys(names))
+
+    @property
+    def vocab_source(self) -> str | None:
+        """Whose vocabulary the output has (``tokenizer.source`` wins over ``tokenizer_source``,
+        as in mergekit); None: the sources must share one."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     def with_models(self, names: dict[str, str]) -> Recipe:
         """A copy whose model references (``base_model``, ``tokenizer_source``, every
@@ -159,8 +170,17 @@ class Recipe(BaseModel):
         out = self.model_copy(deep=True)
         if out.base_model is not None:
             out.base_model = rename(out.base_model)
-        if out.tokenizer_source is not None and out.tokenizer_source != "base":
+        if out.tokenizer_source is not None and out.tokenizer_source not in ("base", "union"):
             out.tokenizer_source = rename(out.tokenizer_source)
+        if out.tokenizer is not None:
+            if out.tokenizer.source not in ("base", "union"):
+                out.tokenizer.source = rename(out.tokenizer.source)
+            for spec in (out.tokenizer.tokens or {}).values():
+                src = spec.get("source")
+                if isinstance(src, str):
+                    spec["source"] = rename(src)
+                elif isinstance(src, dict) and isinstance(src.get("model"), str):
+                    src["model"] = rename(src["model"])
         for m in out.models or []:
             m.model = rename(m.model)
         for sl in out.slices or []:
