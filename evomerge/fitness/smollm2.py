@@ -26,7 +26,8 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,60 @@ def _trunk_states(model, ids: torch.Tensor, upto: int, chunk: int = 32) -> torch
     return torch.cat(parts).clone()
 
 
+@contextmanager
+def _tail(model, start: int) -> Iterator[Any]:
+    """The model's body running decoder layers ``start:`` only (fed the trunk's states as
+    ``inputs_embeds``); restored on exit."""
+    body = model.get_decoder()
+    layers, depth = body.layers, model.config.num_hidden_layers
+    body.layers = torch.nn.ModuleList(list(layers)[start:])
+    model.config.num_hidden_layers = depth - start
+    try:
+        yield body
+    finally:
+        body.layers = layers
+        model.config.num_hidden_layers = depth
+
+
+@torch.inference_mode()
+def _tail_hits(model, states: torch.Tensor, target: torch.Tensor, start: int, chunk: int = 64) -> torch.Tensor:
+    """Exact match of the greedy answer (as the native scorer defines it) from the trunk's states."""
+    hits = []
+    with _tail(model, start) as body:
+        for i in range(0, len(states), chunk):
+            hidden = body(inputs_embeds=states[i : i + chunk], use_cache=False).last_hidden_state
+            t = target[i : i + chunk]
+            answer = t >= 0
+            hit = torch.ones_like(t, dtype=torch.bool)
+            hit[answer] = model.get_output_embeddings()(hidden[answer]).argmax(-1) == t[answer]
+            hits.append(hit.all(dim=1))
+    return torch.cat(hits)
+
+
+def _accuracies(paths: dict[str, Path], files: dict[str, dict[str, Path]], start: int) -> dict[str, dict]:
+    """Accuracy of every model on every task and split. The models share their first
+    ``start`` layers (specialists train only the rest), so the trunk's states are
+    computed once per distinct encoding and each model runs its own tail."""
+    from evomerge.fitness.data import read_jsonl
+    from evomerge.fitness.native import encode
+
+    trunk: dict[bytes, torch.Tensor] = {}
+    out: dict[str, dict] = {}
+    for name, path in paths.items():
+        model, tok = _load(path)
+        out[name] = {}
+        for task, splits in files.items():
+            out[name][task] = {}
+            for split, file in splits.items():
+                enc = encode(tok, read_jsonl(file))
+                key = hashlib.sha256(enc.ids.numpy().tobytes() + bytes(str(enc.ids.shape), "ascii")).digest()
+                if key not in trunk:
+                    trunk[key] = _trunk_states(model, enc.ids, start)
+                hits = _tail_hits(model, trunk[key], enc.target, start)
+                out[name][task][split] = round(float(hits.float().mean()), 4)
+    return out
+
+
 def fine_tune_tail(model, tokenizer, items, recipe: SmolRecipe) -> float:
     """Train the last ``recipe.train_layers`` layers and the final norm on ``items`` (loss on
     answer tokens, AdamW, seeded batches); return the last batch's loss."""
@@ -199,8 +254,7 @@ def fine_tune_tail(model, tokenizer, items, recipe: SmolRecipe) -> float:
     depth = model.config.num_hidden_layers
     k = min(recipe.train_layers, depth)
     hidden = _trunk_states(model, enc.ids, depth - k)
-    all_layers = body.layers
-    tail = list(all_layers)[depth - k :]
+    tail = list(body.layers)[depth - k :]
     trained = [p for layer in tail for p in layer.parameters()] + list(body.norm.parameters())
     for p in model.parameters():
         p.requires_grad_(False)
@@ -209,23 +263,20 @@ def fine_tune_tail(model, tokenizer, items, recipe: SmolRecipe) -> float:
     opt = torch.optim.AdamW(trained, lr=recipe.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(recipe.seed)
     loss = torch.zeros(())
-    body.layers = torch.nn.ModuleList(tail)  # the body now runs the tail only, from the trunk's states
-    model.config.num_hidden_layers = k
     try:
-        model.train()
-        for _ in range(recipe.steps):
-            rows = torch.randint(0, len(enc), (recipe.batch,), generator=gen)
-            out = body(inputs_embeds=hidden[rows], use_cache=False).last_hidden_state
-            target = enc.target[rows]
-            answer = target >= 0
-            logits = model.get_output_embeddings()(out[answer])
-            loss = torch.nn.functional.cross_entropy(logits, target[answer])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        with _tail(model, depth - k) as tail_body:
+            model.train()
+            for _ in range(recipe.steps):
+                rows = torch.randint(0, len(enc), (recipe.batch,), generator=gen)
+                out = tail_body(inputs_embeds=hidden[rows], use_cache=False).last_hidden_state
+                target = enc.target[rows]
+                answer = target >= 0
+                logits = model.get_output_embeddings()(out[answer])
+                loss = torch.nn.functional.cross_entropy(logits, target[answer])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
     finally:
-        body.layers = all_layers
-        model.config.num_hidden_layers = depth
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
@@ -271,7 +322,6 @@ def _write_data(root: Path, recipe: SmolRecipe, chat: ChatTasks) -> tuple[dict[s
 
 def build_smollm2_zoo(out: Path, recipe: SmolRecipe | None = None, *, log: Callable[[str], None] = print) -> dict:
     """Build the SmolLM2 zoo into ``out`` atomically; return the contents of zoo.json."""
-    from evomerge.fitness.native import accuracy_table
     from evomerge.operators.writer import atomic_directory
 
     recipe = recipe or SmolRecipe()
@@ -305,9 +355,9 @@ def build_smollm2_zoo(out: Path, recipe: SmolRecipe | None = None, *, log: Calla
             log(f"zoo: specialist '{task}' trained ({recipe.steps} steps, loss {loss:.3f})")
         write_lm_eval_yamls(tmp, tasks)
         files = {t: {s: tmp / e[s] for s in SPLITS} for t, e in tasks.items()}
-        for entry in models.values():
-            model, tok = _load(tmp / entry["path"])
-            entry["accuracy"] = accuracy_table(model, tok, files)
+        start = depth - min(recipe.train_layers, depth)
+        for name, acc in _accuracies({n: tmp / e["path"] for n, e in models.items()}, files, start).items():
+            models[name]["accuracy"] = acc
         manifest = {
             "preset": "smollm2",
             "recipe": recipe.model_dump(),
