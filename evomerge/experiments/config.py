@@ -96,6 +96,7 @@ class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "experiment"
     zoo: str | None = None
+    zoo_preset: Literal["demo", "smollm2"] = "demo"  # the zoo that zoo:<name> refers to when zoo is not given
     models: list[str] = Field(min_length=1)
     base_model: str | None = None
     merge: MergeSpace = Field(default_factory=MergeSpace)
@@ -132,6 +133,13 @@ class ExperimentConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _tokenizer_source(self) -> ExperimentConfig:
+        source = self.merge.tokenizer_source
+        if source is not None and source not in ("base", "union", *self.models, self.base_model):
+            raise ValueError(f"merge.tokenizer_source '{source}' is not 'base', 'union' or one of the models")
+        return self
+
     def uses_zoo(self) -> bool:
         refs = [*self.models, self.base_model or ""]
         return any(r.startswith(ZOO_PREFIX) for r in refs) or self.zoo is not None
@@ -139,9 +147,9 @@ class ExperimentConfig(BaseModel):
     def zoo_dir(self) -> Path | None:
         if not self.uses_zoo():
             return None
-        from evomerge.fitness.zoo import default_zoo_dir
+        from evomerge.fitness.zoo import preset_dir
 
-        return self.resolve_path(self.zoo) if self.zoo else default_zoo_dir()
+        return self.resolve_path(self.zoo) if self.zoo else preset_dir(self.zoo_preset)
 
     def resolve_path(self, value: str) -> Path:
         p = Path(value).expanduser()

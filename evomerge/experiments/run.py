@@ -48,12 +48,13 @@ def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Pre
     from evomerge.operators.checkpoint import open_checkpoint
 
     if cfg.uses_zoo():
-        from evomerge.fitness.zoo import ensure_zoo
+        from evomerge.fitness.zoo import ensure_preset
 
         zoo = cfg.zoo_dir()
         assert zoo is not None
         if cfg.zoo is None or not (zoo / "zoo.json").is_file():
-            ensure_zoo(zoo, log=log)  # the default zoo follows the shipped recipe; a named one is used as it is
+            # the default zoo follows the shipped recipe; a named one is used as it is
+            ensure_preset(cfg.zoo_preset, zoo, log=log)
     refs = list(dict.fromkeys([*([cfg.base_model] if cfg.base_model else []), *cfg.models]))
     paths = {ref: str(cfg.resolve_model(ref)) for ref in refs}
     space: SearchSpace | StackSpace

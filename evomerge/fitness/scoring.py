@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -35,6 +36,17 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype | None = Non
     except (OSError, ValueError) as err:
         raise ModelError(f"{path}: cannot load model: {str(err).splitlines()[0]}") from None
     return model.to(device).eval(), tokenizer  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=16)
+def load_tokenizer(path: Path):
+    """The tokenizer of a model directory (cached: a worker asks for the same few)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: cannot load its tokenizer: {str(err).splitlines()[0]}") from None
 
 
 def evaluate_model_dir(path: Path, cfg, *, split: str | None = None, backend: str | None = None) -> FitnessResult:

@@ -39,6 +39,8 @@ class MergeSpace(BaseModel):
     granularity: Literal["model", "filters"] | int = "model"
     filters: list[str] = Field(default_factory=lambda: ["self_attn", "mlp"])
     dtype: str = "float32"
+    # whose vocabulary the merge keeps when the models' differ: base, union, or one of the models
+    tokenizer_source: str | None = None
 
     @property
     def methods(self) -> list[str]:

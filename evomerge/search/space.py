@@ -193,6 +193,9 @@ class SearchSpace:
             data["base_model"] = name(self.base, self.base)
         if global_params:
             data["parameters"] = global_params
+        source = self.merge.tokenizer_source
+        if source is not None:
+            data["tokenizer_source"] = source if source in ("base", "union") else name(source, source)
         merged = self.merged_models(op)
         if isinstance(self.merge.granularity, int):
             data["slices"] = self._slices(merged, per_model, name)

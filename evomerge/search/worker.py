@@ -218,12 +218,31 @@ class MergeWorker:
     def merge(self, recipe: Recipe, seed: int) -> None:
         """Overwrite the resident model's tensors with the merge of ``recipe``."""
         plan = build_plan(recipe, self.sources)
+        self._fit_vocabulary(plan)
         for pt in plan.tensors:
             if pt.name not in self.params:
                 raise EvomergeError(f"merged tensor '{pt.name}' is not a parameter of the resident model")
             inputs = load_inputs(pt, self.sources, self.device, check_finite=False)
             out = merge_planned(pt, plan, inputs, self.device, seed)
             self.params[pt.name].copy_(out)
+
+    def _fit_vocabulary(self, plan) -> None:
+        """Give the resident model the merge's output vocabulary: its rows, and the tokenizer
+        the candidate is scored with (a union's own, else the tokenizer model's). A search's
+        candidates share one; a source scored alone brings its own."""
+        from evomerge.fitness.scoring import load_tokenizer
+
+        embed = self.model.get_input_embeddings().weight
+        name = next((k for k, v in self.params.items() if v.data_ptr() == embed.data_ptr()), None)
+        rows = next((pt.shape[0] for pt in plan.tensors if pt.name == name), embed.shape[0])
+        if rows != embed.shape[0]:
+            self.model.resize_token_embeddings(rows, mean_resizing=False)
+            self.params = self.model.state_dict()
+        vocab = plan.vocab
+        if vocab is not None and vocab.source == "union" and hasattr(vocab.tokenizer, "apply_chat_template"):
+            self.tokenizer = vocab.tokenizer
+        else:
+            self.tokenizer = load_tokenizer(self.sources[plan.tokenizer_model].path)
 
     def ready(self) -> bool:
         """Returns once the sources are resident and the search split's samples are read
