@@ -194,6 +194,7 @@ class MergeWorker:
         fitness = FitnessConfig.model_validate(spec.fitness)
         self._fitness = fitness
         self._evaluators: dict[str, Evaluator] = {}
+        self._aligned: dict[tuple, Any] = {}
         self._stop_monitor = spec.monitor.start() if spec.monitor is not None else None
 
     def stop(self) -> None:
@@ -222,9 +223,19 @@ class MergeWorker:
         for pt in plan.tensors:
             if pt.name not in self.params:
                 raise EvomergeError(f"merged tensor '{pt.name}' is not a parameter of the resident model")
-            inputs = load_inputs(pt, self.sources, self.device, check_finite=False)
+            inputs = self._inputs(pt)
             out = merge_planned(pt, plan, inputs, self.device, seed)
             self.params[pt.name].copy_(out)
+
+    def _inputs(self, pt):
+        """A planned tensor's inputs; a vocabulary tensor's, aligned to the output vocabulary
+        once and kept (the sources are fixed, so every candidate aligns them alike)."""
+        if pt.vocab is None:
+            return load_inputs(pt, self.sources, self.device, check_finite=False)
+        key = (pt.name, tuple(pt.sources), pt.base, id(pt.vocab))
+        if key not in self._aligned:
+            self._aligned[key] = load_inputs(pt, self.sources, self.device, check_finite=False)
+        return self._aligned[key]
 
     def _fit_vocabulary(self, plan) -> None:
         """Give the resident model the merge's output vocabulary: its rows, and the tokenizer
