@@ -165,3 +165,66 @@ def test_smollm2_in_bfloat16_as_mergekit(smol_zoo, tmp_path, case):
         assert torch.equal(ours[rows:], theirs[rows:]), name  # added tokens' rows: copied from their one model
     if case == "union":
         assert got["model.embed_tokens.weight"].shape[0] == 49154
+
+
+def _kth_magnitude(delta: torch.Tensor, density: float) -> float:
+    """The magnitude of the k-th largest |delta| (k = density * numel, as TIES keeps)."""
+    k = int(delta.numel() * density)
+    return float(delta.abs().flatten().kthvalue(delta.numel() - k + 1).values) if k > 0 else float("inf")
+
+
+@pytest.mark.slow
+def test_smollm2_ties_differs_from_mergekit_only_at_threshold_ties(smol_zoo, tmp_path):
+    """bfloat16 task vectors take few distinct magnitudes, so many elements tie at the
+    top-k threshold and either choice among them is a valid TIES merge (mergekit keeps
+    whichever its unstable sort returns; evomerge the lowest indices). Every element
+    where the two merges differ must be such a tie for one of the models."""
+    base, a, b = (smol_zoo / n for n in ("base", "cmp", "next"))
+    density = {a: 0.4, b: 0.6}
+    text = f"merge_method: ties\nbase_model: {base}\ndtype: float32\nmodels:\n"
+    text += "".join(f"  - {{model: {m}, parameters: {{weight: 0.8, density: {d}}}}}\n" for m, d in density.items())
+    path = tmp_path / "r.yml"
+    path.write_text(text)
+    res = subprocess.run([mergekit(), str(path), str(tmp_path / "mk")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_merge(Recipe.from_yaml(path), tmp_path / "ours")
+    theirs = load_file(str(tmp_path / "mk" / "model.safetensors"))
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    sources = {m: load_file(str(m / "model.safetensors")) for m in (base, a, b)}
+    differing = 0
+    for name, got in ours.items():
+        gap = got.float() != theirs[name].float()
+        if not gap.any():
+            continue
+        tie = torch.zeros_like(gap)
+        for model, d in density.items():
+            delta = sources[model][name].float() - sources[base][name].float()
+            tie |= delta.abs() == _kth_magnitude(delta, d)
+        assert bool(tie[gap].all()), f"{name}: {int((gap & ~tie).sum())} differing elements are not threshold ties"
+        differing += int(gap.sum())
+    assert differing > 0  # the ties are real here: the check had something to check
+
+
+@pytest.mark.slow
+def test_smollm2_dare_ties_matches_mergekit_in_distribution(smol_zoo, tmp_path):
+    """DARE-TIES on bfloat16 sources: the same keep fraction (to sampling noise) and L1
+    norm of the merged task vector as mergekit, whose random stream differs."""
+    base, a = smol_zoo / "base", smol_zoo / "cmp"
+    text = f"merge_method: dare_ties\nbase_model: {base}\ndtype: float32\nmodels:\n"
+    text += f"  - {{model: {a}, parameters: {{weight: 1.0, density: 0.3}}}}\n"
+    path = tmp_path / "r.yml"
+    path.write_text(text)
+    res = subprocess.run([mergekit(), str(path), str(tmp_path / "mk")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_merge(Recipe.from_yaml(path), tmp_path / "ours", seed=3)
+    sb, sa = load_file(str(base / "model.safetensors")), load_file(str(a / "model.safetensors"))
+    tuned = [k for k in sb if not torch.equal(sb[k], sa[k])]  # the trained layers
+    stats = {}
+    for who in ("mk", "ours"):
+        out = load_file(str(tmp_path / who / "model.safetensors"))
+        kept = sum(int(((out[k].float() - sb[k].float()).abs() > 0).sum()) for k in tuned)
+        changed = sum(int((sa[k] != sb[k]).sum()) for k in tuned)
+        l1 = sum(float((out[k].float() - sb[k].float()).abs().sum()) for k in tuned)
+        stats[who] = (kept / changed, l1 / sum(float((sa[k].float() - sb[k].float()).abs().sum()) for k in tuned))
+    assert abs(stats["ours"][0] - stats["mk"][0]) < 0.01
+    assert stats["ours"][1] == pytest.approx(stats["mk"][1], rel=0.02)
