@@ -158,3 +158,17 @@ def test_a_search_over_the_smollm2_zoo_merges_the_union_vocabulary(smol_zoo, tmp
     assert "tokenizer_source: union" in (out / "mergekit_config.yml").read_text()
     record = json.loads((out / "evomerge.json").read_text())
     assert record["test_fitness"] == pytest.approx(summary["best_test_fitness"])
+
+
+def test_the_gguf_package_missing_is_one_line_before_anything(tmp_path, monkeypatch):
+    import importlib.util
+
+    from evomerge.errors import EvomergeError
+    from evomerge.fitness import smollm2
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(EvomergeError, match="needs the 'gguf' package: pip install gguf"):
+        smollm2.build_smollm2_zoo(tmp_path / "zoo", SMOL_TINY, log=lambda _: None)
+    assert not (tmp_path / "zoo").exists() and not (tmp_path / "cache").exists()
