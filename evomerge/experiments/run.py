@@ -48,7 +48,7 @@ def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Pre
     from evomerge.operators.checkpoint import open_checkpoint
 
     if cfg.uses_zoo():
-        from evomerge.fitness.zoo import ensure_preset
+        from evomerge.fitness.presets import ensure_preset
 
         zoo = cfg.zoo_dir()
         assert zoo is not None

@@ -322,30 +322,3 @@ def task_items(root: Path, task: str, split: str):
         raise EvomergeError(f"zoo at {root} has no task '{task}' split '{split}'") from None
     return read_jsonl(root / rel)
 
-
-PRESETS = ("demo", "smollm2")
-
-
-def preset_dir(preset: str) -> Path:
-    """Where a zoo preset lives by default (the per-user cache)."""
-    if preset == "smollm2":
-        from evomerge.fitness.smollm2 import default_smollm2_dir
-
-        return default_smollm2_dir()
-    return default_zoo_dir()
-
-
-def ensure_preset(
-    preset: str, root: Path | None = None, *, seed: int = 0, tiny: bool = False, force: bool = False, log=print
-) -> Path:
-    """Build the zoo ``preset`` (``demo`` or ``smollm2``; ``tiny``: the tests' small recipe) at
-    ``root`` unless it is there and built from the same recipe."""
-    root = (root or preset_dir(preset)).resolve()
-    if preset == "smollm2":
-        from evomerge.fitness.smollm2 import SMOL_TINY, SmolRecipe, build_smollm2_zoo
-
-        smol = (SMOL_TINY if tiny else SmolRecipe()).model_copy(update={"seed": seed})
-        if force or not zoo_is_current(root, smol):
-            build_smollm2_zoo(root, smol, log=log)
-        return root
-    return ensure_zoo(root, (TINY if tiny else ZooRecipe()).model_copy(update={"seed": seed}), force=force, log=log)

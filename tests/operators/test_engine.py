@@ -51,7 +51,8 @@ models:
     assert model.config.num_hidden_layers == 2
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front["tags"][:2] == ["merge", "evomerge"] and str(a) in front["base_model"]
+    assert front["tags"][:2] == ["merge", "evomerge"]
+    assert "base_model" not in front and f"`{a}` (a local model)" in card  # the Hub takes Hub ids only
     assert Recipe.from_yaml(out / "mergekit_config.yml") == r
     assert not list(tmp_path.glob(".out.*"))
 

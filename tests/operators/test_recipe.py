@@ -61,7 +61,7 @@ def test_filters_first_match_wins_and_fallback():
         ),
         ({"merge_method": "linear", "models": [{"model": "a"}], "slices": []}, "exactly one of"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "float8"}, "unknown dtype"),
-        ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"}, "union"),
+        ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {"source": "union", "bogus": 1}}, "bogus"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "bogus": 1}, "bogus"),
         (
             {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [3, 1]}]}]},
