@@ -191,6 +191,8 @@ class MergeWorker:
             self.sources = {ref: resident_checkpoint(Path(p), self.device, dtype) for ref, p in spec.sources.items()}
             self.model, self.tokenizer = load_model(Path(spec.sources[spec.model_ref]), self.device, dtype)
             self.params = self.model.state_dict()
+            # the resident model's own tokenizer: the one ready() encodes the samples with
+            self._tokenizers = {spec.model_ref: self.tokenizer}
         fitness = FitnessConfig.model_validate(spec.fitness)
         self._fitness = fitness
         self._evaluators: dict[str, Evaluator] = {}
@@ -253,7 +255,10 @@ class MergeWorker:
         if vocab is not None and vocab.source == "union" and hasattr(vocab.tokenizer, "apply_chat_template"):
             self.tokenizer = vocab.tokenizer
         else:
-            self.tokenizer = load_tokenizer(self.sources[plan.tokenizer_model].path)
+            name = plan.tokenizer_model
+            if name not in self._tokenizers:
+                self._tokenizers[name] = load_tokenizer(self.sources[name].path)
+            self.tokenizer = self._tokenizers[name]
 
     def ready(self) -> bool:
         """Returns once the sources are resident and the search split's samples are read
