@@ -107,7 +107,10 @@ class RayDispatcher:
         self.spec = spec
         self.workers = workers
         self.job_timeout = job_timeout
+        self.start_timeout = start_timeout
         self.max_retries = max_retries
+        # replacement actors still loading their sources: id(actor) -> (ready ref, asked at)
+        self.starting: dict[int, tuple[Any, float]] = {}
         cpus = spec.threads or 1
         self.nodes: dict[int, str | None] = {}
         self.node_refs: dict[int, Any] = {}
@@ -161,11 +164,14 @@ class RayDispatcher:
         if actor not in self.actors:
             return
         slot = self.actors.index(actor)
+        self.starting.pop(id(actor), None)
         try:
             self.ray.kill(actor, no_restart=True)
         except Exception:
             pass
-        self.actors[slot] = self._start()
+        fresh = self._start()
+        self.starting[id(fresh)] = (fresh.ready.remote(), time.monotonic())
+        self.actors[slot] = fresh
         self.replaced += 1
 
     def wait(self, timeout: float | None = None) -> list[JobResult]:
@@ -219,6 +225,20 @@ class RayDispatcher:
             nxt = min(queued, key=lambda r: r.started)
             nxt.started = max(nxt.started, time.monotonic())
 
+    def _still_starting(self, run: _Running, now: float) -> bool:
+        """Whether ``run``'s actor is a replacement still loading its sources: its job's
+        clock starts when the actor is ready (bounded by the start timeout, then it counts)."""
+        entry = self.starting.get(id(run.actor))
+        if entry is None:
+            return False
+        ref, asked = entry
+        done, _ = self.ray.wait([ref], num_returns=1, timeout=0)
+        if done or now - asked > self.start_timeout:
+            del self.starting[id(run.actor)]
+            run.started = max(run.started, now)
+            return False
+        return True
+
     def _expire(self) -> list[JobResult]:
         now = time.monotonic()
         out = []
@@ -229,6 +249,8 @@ class RayDispatcher:
                 executing[key] = ref
         for ref in list(executing.values()):
             run = self.running[ref]
+            if self._still_starting(run, now):
+                continue
             if now - run.started > self.job_timeout:
                 self.running.pop(ref)
                 self._replace(run.actor)

@@ -13,6 +13,14 @@ class FaultyWorker(MergeWorker):
 
     FAULTS: dict[int, str] = {}
 
+    def __init__(self, spec):
+        # a replacement that loads slowly: once the marker file exists, every new actor
+        # takes longer to start than a job may run (its job's clock must not count it)
+        marker = os.environ.get("EVOMERGE_TEST_SLOW_START", "")
+        if marker and os.path.exists(marker):
+            time.sleep(12)
+        super().__init__(spec)
+
     def run(self, job: Job) -> JobResult:
         fault = self.faults().get(job.key)
         if fault == "raise":

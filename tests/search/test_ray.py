@@ -18,16 +18,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
     import ray
 
     from evomerge.search.ray_pool import init_ray
 
-    os.environ["EVOMERGE_TEST_FAULTS"] = "101=die,102=hang,103=raise"
-    init_ray(None, 2, env_vars={"PYTHONPATH": str(ROOT), "EVOMERGE_TEST_FAULTS": "101=die,102=hang,103=raise"})
+    marker = tmp_path_factory.mktemp("faults") / "slow-start"
+    faults = {"EVOMERGE_TEST_FAULTS": "101=die,102=hang,103=raise", "EVOMERGE_TEST_SLOW_START": str(marker)}
+    os.environ.update(faults)
+    init_ray(None, 2, env_vars={"PYTHONPATH": str(ROOT), **faults})
     yield ray
     ray.shutdown()
-    os.environ.pop("EVOMERGE_TEST_FAULTS", None)
+    for key in faults:
+        os.environ.pop(key, None)
 
 
 def test_dead_actor_is_replaced_and_its_job_retried_and_timeouts_fail(ray_cluster, tiny_cfg):
@@ -38,18 +41,19 @@ def test_dead_actor_is_replaced_and_its_job_retried_and_timeouts_fail(ray_cluste
     prep = prepare(tiny_cfg(workers=2), log=lambda _: None)
     recipe = prep.space.recipe(prep.space.default_params()).to_dict()
     pool = RayDispatcher(prep.spec, 2, gpus=False, job_timeout=10, worker_cls=FaultyWorker)
+    Path(os.environ["EVOMERGE_TEST_SLOW_START"]).touch()  # replacements now start slower than a job may run
     try:
         start = time.monotonic()
         results = run_jobs(pool, [Job(k, recipe, seed=0) for k in (100, 101, 102, 103, 104)])
     finally:
         pool.close()
     assert results[100].ok and results[104].ok
-    assert results[101].ok, results[101].error  # died once, retried on a fresh actor
+    assert results[101].ok, results[101].error  # died once, retried on a fresh (slow-starting) actor
     assert "timed out" in (results[102].error or "")
     assert results[103].error == "injected merge failure"
     assert results[101].value == results[100].value  # the same recipe gives the same score
     assert pool.replaced == 2  # one for the death, one for the timeout
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 75
 
 
 def test_run_experiment_on_ray_writes_summary(ray_cluster, tiny_cfg, tmp_path):
