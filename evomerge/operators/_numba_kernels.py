@@ -105,6 +105,20 @@ def _key(v):
 
 
 @njit(inline="always")
+def _tie_priority(i, key):
+    """The order among entries of magnitude key ``key``: ``sparsify.tie_priority`` (int64)."""
+    # in uint32 (numba widens each operation; the casts narrow it back, so LLVM uses
+    # 32-bit vector multiplies: int64 ones have no AVX2 instruction)
+    h = np.uint32(np.uint32(i & 0xFFFFFFFF) ^ np.uint32(key))
+    h = np.uint32(h ^ (h >> np.uint32(16)))
+    h = np.uint32(h * np.uint32(0x85EBCA6B))
+    h = np.uint32(h ^ (h >> np.uint32(13)))
+    h = np.uint32(h * np.uint32(0xC2B2AE35))
+    h = np.uint32(h ^ (h >> np.uint32(16)))
+    return np.int64(h) | ((i >> 32) << 32)
+
+
+@njit(inline="always")
 def _span(n, nblocks, b):
     step = (n + nblocks - 1) // nblocks
     return b * step, min(n, (b + 1) * step)
@@ -139,8 +153,8 @@ def hist_low(x, base, bucket, nblocks):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def tie_cutoff(x, base, key, keep, nblocks):
-    """One past the flat index of the ``keep``-th entry (keep >= 1) whose key equals ``key``."""
+def scan_ties(x, base, key, nblocks):
+    """The flat indices (ascending) and tie priorities of the entries of x - base whose key equals ``key``."""
     n = x.size
     counts = np.zeros(nblocks, np.int64)
     for b in prange(nblocks):
@@ -150,17 +164,18 @@ def tie_cutoff(x, base, key, keep, nblocks):
         for i in range(hi - lo):
             c += _key(_delta(xv, bv, i)) == key
         counts[b] = c
-    seen = 0
-    for b in range(nblocks):
-        if seen + counts[b] >= keep:
-            lo, hi = _span(n, nblocks, b)
-            for i in range(lo, hi):
-                if _key(_delta(x, base, i)) == key:
-                    seen += 1
-                    if seen == keep:
-                        return i + 1
-        seen += counts[b]
-    return n
+    starts = np.cumsum(counts) - counts
+    index = np.empty(counts.sum(), np.int64)
+    priority = np.empty(counts.sum(), np.int64)
+    for b in prange(nblocks):
+        lo, hi = _span(n, nblocks, b)
+        at = starts[b]
+        for i in range(lo, hi):
+            if _key(_delta(x, base, i)) == key:
+                index[at] = i
+                priority[at] = _tie_priority(i, key)
+                at += 1
+    return index, priority
 
 
 @njit(cache=True, nogil=True)
@@ -307,46 +322,52 @@ def kth_largest(keys, counts, low, span, j):
 
 
 @njit(cache=True, nogil=True)
-def tie_index(keys, index, counts, equal, key, keep, n):
-    """The flat index of the ``keep``-th captured entry (in index order) equal to ``key``;
-    ``equal`` counts them row by row (``capture``'s indices count from each block's
-    start, of n elements in all): only the row holding it is scanned."""
+def captured_ties(keys, index, counts, equal, key, n):
+    """The flat indices (ascending) and tie priorities of the captured entries equal to
+    ``key`` (``equal`` counts them row by row; ``capture``'s indices count from each
+    block's start, of n elements in all)."""
     nblocks = counts.size
-    seen = 0
+    flat = np.empty(equal.sum(), np.int64)
+    priority = np.empty(equal.sum(), np.int64)
+    at = 0
     for b in range(nblocks):
-        if seen + equal[b] < keep:
-            seen += equal[b]
+        if equal[b] == 0:
             continue
+        start = _span(n, nblocks, b)[0]
         for c in range(counts[b]):
             if keys[b, c] == key:
-                seen += 1
-                if seen == keep:
-                    return _span(n, nblocks, b)[0] + index[b, c]
-    return -1
+                flat[at] = start + np.int64(index[b, c])
+                priority[at] = _tie_priority(flat[at], key)
+                at += 1
+    return flat, priority
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def mask(x, key, cutoff, out, nblocks):
-    """out[i] = |x[i]| is among the top k described by (key, cutoff)."""
+def mask(x, key, drop, out, nblocks):
+    """out[i] = |x[i]| is among the top k described by (key, drop): its key is at least
+    ``key`` and i is not in ``drop`` (ascending flat indices of ties left out)."""
     n = x.size
     for b in prange(nblocks):
         lo, hi = _span(n, nblocks, b)
         xv, ov = x[lo:hi], out[lo:hi]
-        before = cutoff - lo
         for i in range(hi - lo):
-            k = _key(_load(xv, i))
-            ov[i] = (k > key) | ((k == key) & (i < before))
+            ov[i] = _key(_load(xv, i)) >= key
+        c = np.searchsorted(drop, lo)
+        while c < drop.size and drop[c] < hi:
+            out[drop[c]] = False
+            c += 1
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def merge(tensors, base, weight, keys, cutoffs, consensus, normalize, scale, lam, out, nblocks):
+def merge(tensors, base, weight, keys, drops, bounds, consensus, normalize, scale, lam, out, nblocks):
     """theta_b + lam * merge_i(trim(tau_i) * w_i): see ``kernels.task_arithmetic``.
 
     Each block runs in slices of SLICE elements, model by model (one tuple lookup per
     model and slice, the base widened once per slice; branch-free loops the compiler
     vectorises). Dropped entries become tau * 0.0, as the torch path's multiply by a
-    false mask gives, so even signed zeros agree. Keys are uint32 here: see
-    ``kernels.magnitude_threshold`` for the (key, cutoff) contract."""
+    false mask gives, so even signed zeros agree. Keys are uint32 here; model j's ties
+    left out are ``drops[bounds[j]:bounds[j + 1]]``: see ``kernels.magnitude_threshold``
+    for the (key, drop) contract."""
     n = base.size
     m = len(tensors)
     zero = np.float32(0.0)
@@ -359,6 +380,9 @@ def merge(tensors, base, weight, keys, cutoffs, consensus, normalize, scale, lam
         total = np.empty(SLICE, np.float32)
         part = np.empty(SLICE, np.float32)
         divisor = np.empty(SLICE, np.float32)
+        cursor = np.empty(m, np.int64)  # model j's next tie to leave out at or after the slice
+        for j in range(m):
+            cursor[j] = bounds[j] + np.searchsorted(drops[bounds[j] : bounds[j + 1]], lo)
         for s in range(lo, hi, SLICE):
             w = min(hi - s, SLICE)
             bs = base[s : s + w]
@@ -368,15 +392,19 @@ def merge(tensors, base, weight, keys, cutoffs, consensus, normalize, scale, lam
             for j in range(m):
                 xs = tensors[j][s : s + w]
                 key, wj = np.uint32(keys[j]), weight[j]
-                before = cutoffs[j] - s  # tied keys are kept at slice positions below this
                 vj = v[j]
                 for q in range(w):
                     tau = _load(xs, q) - bb[q]
-                    k = _bits_from_float(tau) & np.uint32(0x7FFFFFFF)
-                    kept = (k > key) | ((k == key) & (q < before))
-                    tau = (tau if kept else tau * zero) * wj  # tau * 0.0 as the torch mask gives
-                    vj[q] = tau
-                    total[q] = total[q] + tau
+                    kept = (_bits_from_float(tau) & np.uint32(0x7FFFFFFF)) >= key
+                    vj[q] = (tau if kept else tau * zero) * wj  # tau * 0.0 as the torch mask gives
+                c = cursor[j]
+                while c < bounds[j + 1] and drops[c] < s + w:  # the ties left out
+                    q = drops[c] - s
+                    vj[q] = ((_load(xs, q) - bb[q]) * zero) * wj
+                    c += 1
+                cursor[j] = c
+                for q in range(w):
+                    total[q] = total[q] + vj[q]
             if consensus:  # TIES elect: the sign of the sum, zero counting as +; disjoint mean
                 part[:w] = zero
                 divisor[:w] = zero

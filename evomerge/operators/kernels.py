@@ -10,7 +10,7 @@ float32 passes per model). These kernels read each input in its stored dtype
   sample brackets it; one pass counts the keys above the bracket and captures
   those inside, among which a radix selection finds it. When the bracket misses
   (rare), two radix histograms over all keys do. Ties at the threshold are kept
-  lowest flat index first.
+  lowest tie priority first (``sparsify.tie_priority``, a hash of the flat index).
 * :func:`task_arithmetic`: trim (by those thresholds), weight, and either sum
   (task arithmetic, Ilharco et al. 2023) or elect and take the disjoint mean
   (TIES, Yadav et al. 2023, Sec. 3), in one more pass.
@@ -95,11 +95,14 @@ def _blocks(n: int) -> int:
     return max(1, min(numba.get_num_threads() * 4, n // 4096), -(-n // (1 << 30)))
 
 
-def magnitude_threshold(x: Tensor, base: Tensor | None, k: int) -> tuple[int, int]:
-    """``(key, cutoff)`` selecting the ``k`` largest |x - base| (|x| without a base):
-    entries whose magnitude bits exceed ``key``, and those equal to it at flat indices
-    below ``cutoff`` (ties: lowest index first, as :func:`sparsify.topk_mask`). Keys
-    fit in uint32: everything is ``KEEP_ALL``, nothing is ``KEEP_NONE``."""
+def magnitude_threshold(x: Tensor, base: Tensor | None, k: int) -> tuple[int, np.ndarray]:
+    """``(key, drop)`` selecting the ``k`` largest |x - base| (|x| without a base):
+    entries whose magnitude bits are at least ``key``, less those at the flat indices
+    ``drop`` (ascending): the ties at ``key`` of highest tie priority, as
+    :func:`sparsify.topk_mask` leaves out. Keys fit in uint32: everything is
+    ``KEEP_ALL``, nothing is ``KEEP_NONE``. Leaving out a list of ties (at most the
+    ties' count) rather than testing a priority per entry keeps the merge's hot loop
+    a plain comparison (hashing every entry there cost TIES 25%)."""
     n = x.numel()
     if k >= n:
         return KEEP_ALL
@@ -111,8 +114,9 @@ def magnitude_threshold(x: Tensor, base: Tensor | None, k: int) -> tuple[int, in
     return found if found is not None else _threshold_by_histograms(xs, bs, k, nb)
 
 
-KEEP_ALL = (0, 1 << 62)  # key 0 with every index below the cutoff: all entries
-KEEP_NONE = (0x7FFFFFFF, 0)  # no key exceeds the largest, and no index is below 0
+NO_DROP = np.empty(0, dtype=np.int64)
+KEEP_ALL = (0, NO_DROP)  # every key is at least 0
+KEEP_NONE = (1 << 31, NO_DROP)  # no key reaches 2^31
 SAMPLE_MIN, SAMPLE_MAX = 1 << 12, 1 << 16  # sample size: n / 128 within these bounds
 MARGIN_SD = 5.0
 
@@ -129,7 +133,7 @@ def vector_compress() -> bool:
     return "+avx512f" in features.split(",")
 
 
-def _threshold_by_sample(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int) -> tuple[int, int] | None:
+def _threshold_by_sample(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int) -> tuple[int, np.ndarray] | None:
     """One pass: a strided sample brackets the k-th key to +-5 standard deviations of
     its sample rank; the pass counts the keys above the bracket and captures those in
     it, among which the k-th is selected exactly. None when the bracket missed."""
@@ -157,15 +161,14 @@ def _threshold_by_sample(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int)
     key, greater, equal = kern.kth_largest(keys, counts, lo_key, hi_key - lo_key, j)
     keep = j - int(greater)
     if keep >= int(equal.sum()):
-        return int(key), n
-    return int(key), int(kern.tie_index(keys, index, counts, equal, key, keep, n)) + 1
+        return int(key), NO_DROP
+    return int(key), _left_out(*kern.captured_ties(keys, index, counts, equal, key, n), keep)
 
 
-def _threshold_by_histograms(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int) -> tuple[int, int]:
+def _threshold_by_histograms(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int) -> tuple[int, np.ndarray]:
     """Two radix passes over all keys (high 16 bits, then the low 16 of one bucket),
-    and a third for the tie cutoff when some ties are dropped."""
+    and a third for the ties left out when some are."""
     kern = _kernels()
-    n = xs.size
     from_top = np.cumsum(kern.hist_high(xs, bs, nb)[::-1])
     pos = int(np.searchsorted(from_top, k))
     bucket = (1 << 15) - 1 - pos
@@ -177,15 +180,21 @@ def _threshold_by_histograms(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: 
     ties = int(low_top[pos_lo]) - (int(low_top[pos_lo - 1]) if pos_lo > 0 else 0)
     keep = k - greater
     if keep >= ties:
-        return key, n
-    return key, int(kern.tie_cutoff(xs, bs, key, keep, nb))
+        return key, NO_DROP
+    return key, _left_out(*kern.scan_ties(xs, bs, key, nb), keep)
+
+
+def _left_out(index: np.ndarray, priority: np.ndarray, keep: int) -> np.ndarray:
+    """The indices (ascending) of the ties beyond the ``keep`` of lowest (distinct) priority."""
+    cutoff = np.partition(priority, keep - 1)[keep - 1]
+    return index[priority > cutoff]
 
 
 def topk_mask(x: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` entries of largest |x| (ties: lowest flat index first)."""
-    key, cutoff = magnitude_threshold(x, None, k)
+    """Boolean mask of the ``k`` entries of largest |x| (ties: lowest tie priority first)."""
+    key, drop = magnitude_threshold(x, None, k)
     out = np.empty(x.numel(), dtype=np.bool_)
-    _kernels().mask(_array(x), key, cutoff, out, _blocks(x.numel()))
+    _kernels().mask(_array(x), key, drop, out, _blocks(x.numel()))
     return torch.from_numpy(out).view(x.shape)
 
 
@@ -209,12 +218,12 @@ def task_arithmetic(
     is bfloat16 when ``out_dtype`` asks for it (rounded to nearest even, as torch's
     cast), float32 otherwise."""
     n = base.numel()
-    keys, cutoffs = [], []
+    keys, drops = [], []
     for i, t in enumerate(tensors):
         d = 1.0 if density is None else density[i]
-        key, cutoff = KEEP_ALL if d >= 1.0 else magnitude_threshold(t, base, max(1, int(d * n)))
+        key, drop = KEEP_ALL if d >= 1.0 else magnitude_threshold(t, base, max(1, int(d * n)))
         keys.append(key)
-        cutoffs.append(cutoff)
+        drops.append(drop)
     out = torch.empty(base.shape, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
     scale = math.fsum(weight) if normalize and not consensus else 1.0
     _kernels().merge(
@@ -222,7 +231,8 @@ def task_arithmetic(
         _array(base),
         np.asarray(weight, dtype=np.float32),
         np.asarray(keys, dtype=np.int64),
-        np.asarray(cutoffs, dtype=np.int64),
+        np.concatenate(drops),
+        np.cumsum([0] + [d.size for d in drops], dtype=np.int64),
         consensus,
         normalize,
         np.float32(scale),

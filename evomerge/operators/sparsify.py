@@ -3,8 +3,11 @@
 Each sparsifier returns a boolean keep-mask of the task vector's shape; the
 rescaling that DARE and DELLA apply is separate (:func:`rescale_l1`). Top-k is
 computed by exact radix selection over the float bit patterns, never a full
-sort, with ties broken towards the lower flat index so that results are
-deterministic and top-k sets are nested.
+sort. Entries of equal magnitude are ordered by :func:`tie_priority`, a hash of
+their flat index: one fixed total order, so results are deterministic, top-k sets
+are nested, and the entries kept among ties at the threshold are spread evenly
+over the tensor (bfloat16 task vectors take few distinct magnitudes: a tenth of a
+tensor may tie at the threshold), the same on every device.
 """
 
 from __future__ import annotations
@@ -20,6 +23,22 @@ _HI = 1 << 15  # positive float32 magnitudes: the top 16 bits take values below 
 _LO = 1 << 16
 _CHUNK = 1 << 22
 _LITTLE = sys.byteorder == "little"
+_M32 = 0xFFFFFFFF
+
+
+def tie_priority(index: Tensor, key: int) -> Tensor:
+    """The order among entries whose magnitude key (float32 bits, sign cleared) is
+    ``key``: lower first. MurmurHash3's 32-bit finaliser (a bijection) of the low 32
+    bits of the flat index xor the key, above it the high bits: distinct for distinct
+    indices, uncorrelated with position within 2^32 entries, and a different order for
+    each magnitude. int64 arithmetic (products wrap; the masks keep their low 32 bits)."""
+    h = (index & _M32) ^ key
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    h = h ^ (h >> 16)
+    return h | ((index >> 32) << 32)
 
 
 def _magnitude_bits(x: Tensor) -> Tensor:
@@ -64,7 +83,7 @@ def _kth_largest_key(keys: Tensor, k: int) -> int:
 
 
 def topk_mask(x: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` entries of largest |x| (ties: lowest flat index first)."""
+    """Boolean mask of the ``k`` entries of largest |x| (ties: lowest :func:`tie_priority` first)."""
     n = x.numel()
     if k >= n:
         return torch.ones_like(x, dtype=torch.bool)
@@ -79,11 +98,21 @@ def topk_mask(x: Tensor, k: int) -> Tensor:
         keys = _magnitude_bits(x)
         threshold = _kth_largest_key(keys, k)
     mask = keys >= threshold
-    extra = int(torch.count_nonzero(mask)) - k  # usually 0: one entry sits at the threshold
-    if extra > 0:  # ties at the threshold: drop the ones with the highest flat indices
+    extra = int(torch.count_nonzero(mask)) - k  # usually 0 in float32: one entry sits at the threshold
+    if extra > 0:  # ties at the threshold: drop those of highest priority (distinct: no tie left)
         ties = (keys == threshold).nonzero().view(-1)
-        mask[ties[ties.numel() - extra :]] = False
+        mask[ties[tie_priority(ties, _float32_key(threshold, x.dtype)).topk(extra).indices]] = False
     return mask.view(x.shape)
+
+
+def _float32_key(key: int, dtype: torch.dtype) -> int:
+    """A magnitude key in float32 bits (a bfloat16 key is their top half; float16 widens)."""
+    if dtype == torch.bfloat16:
+        return key << 16
+    if dtype == torch.float16:
+        value = torch.tensor([key], dtype=torch.int16).view(torch.float16).float()
+        return int(value.view(torch.int32).item())
+    return key
 
 
 def magnitude(x: Tensor, density: float) -> Tensor:

@@ -57,7 +57,7 @@ def test_topk_threshold_matches_the_torch_mask(seed, ties, torch_path, compactio
         nb = kernels._blocks(n)
         by_hist = kernels._threshold_by_histograms(xs, None, k, nb)
         by_sample = kernels._threshold_by_sample(xs, None, k, nb)
-        assert by_sample in (None, by_hist)
+        assert by_sample is None or (by_sample[0] == by_hist[0] and (by_sample[1] == by_hist[1]).all())
 
 
 def test_a_missed_sample_bracket_falls_back_to_the_histograms(monkeypatch, torch_path, compaction):
@@ -97,10 +97,25 @@ def test_capture_compacts_alike_both_ways(n, cap):
         assert (k0[b, :m] == k1[b, :m]).all() and (i0[b, :m] == i1[b, :m]).all()
 
 
-def test_all_zero_task_vectors_keep_the_first_k():
+def test_all_zero_task_vectors_keep_k_by_tie_priority(torch_path):
     x = torch.zeros(40_000)
     mask = kernels.topk_mask(x, 123)
-    assert int(mask.sum()) == 123 and bool(mask[:123].all())
+    assert int(mask.sum()) == 123 and torch.equal(mask, torch_path(sparsify.topk_mask, x, 123))
+    assert int(mask[:20_000].sum()) not in (0, 123)  # spread, not the first 123
+
+
+@pytest.mark.parametrize("n", [16_411, 300_000])
+def test_tie_priorities_agree_with_the_torch_definition(n):
+    """The kernels' tie priority is ``sparsify.tie_priority`` (indices past 2^32 too)."""
+    x = torch.full((n,), 0.5)
+    key = int(x[:1].view(torch.int32))
+    index, got = kernels._kernels().scan_ties(kernels._array(x), None, key, kernels._blocks(n))
+    assert torch.equal(torch.from_numpy(index), torch.arange(n))
+    assert torch.equal(torch.from_numpy(got), sparsify.tie_priority(torch.arange(n), key))
+    far = torch.tensor([(1 << 32) + 7, (3 << 32) + 1, (1 << 40) - 1])
+    idx = far.numpy()
+    want = sparsify.tie_priority(far, key).tolist()
+    assert [kernels._kernels()._tie_priority(int(i), key) for i in idx] == want
 
 
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic"])

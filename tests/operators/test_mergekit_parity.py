@@ -177,7 +177,7 @@ def _kth_magnitude(delta: torch.Tensor, density: float) -> float:
 def test_smollm2_ties_differs_from_mergekit_only_at_threshold_ties(smol_zoo, tmp_path):
     """bfloat16 task vectors take few distinct magnitudes, so many elements tie at the
     top-k threshold and either choice among them is a valid TIES merge (mergekit keeps
-    whichever its unstable sort returns; evomerge the lowest indices). Every element
+    whichever its unstable sort returns; evomerge those of lowest tie priority). Every element
     where the two merges differ must be such a tie for one of the models."""
     base, a, b = (smol_zoo / n for n in ("base", "cmp", "next"))
     density = {a: 0.4, b: 0.6}
@@ -203,6 +203,40 @@ def test_smollm2_ties_differs_from_mergekit_only_at_threshold_ties(smol_zoo, tmp
         assert bool(tie[gap].all()), f"{name}: {int((gap & ~tie).sum())} differing elements are not threshold ties"
         differing += int(gap.sum())
     assert differing > 0  # the ties are real here: the check had something to check
+
+
+@pytest.mark.slow
+def test_smollm2_ties_keeps_as_many_as_mergekit_with_ties_spread_evenly(smol_zoo, tmp_path):
+    """One bfloat16 task vector trimmed to density 0.4 (one model: the output is the
+    fine-tune where kept, the base elsewhere): per tensor, exactly as many elements kept
+    as mergekit keeps, every element kept by one and not the other a threshold tie, and
+    evomerge keeps the same share of the ties in every quarter of a tensor's elements
+    (lowest-index ties would keep all of the first quarters' and none of the last's)."""
+    base, a = smol_zoo / "base", smol_zoo / "cmp"
+    text = f"merge_method: ties\nbase_model: {base}\ndtype: float32\nmodels:\n"
+    text += f"  - {{model: {a}, parameters: {{weight: 0.8, density: 0.4}}}}\n"
+    path = tmp_path / "r.yml"
+    path.write_text(text)
+    res = subprocess.run([mergekit(), str(path), str(tmp_path / "mk")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_merge(Recipe.from_yaml(path), tmp_path / "ours")
+    theirs = load_file(str(tmp_path / "mk" / "model.safetensors"))
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    sb, sa = load_file(str(base / "model.safetensors")), load_file(str(a / "model.safetensors"))
+    spread = []
+    for name, got in ours.items():
+        delta = sa[name].float() - sb[name].float()
+        if not delta.any():
+            continue
+        kept_ours, kept_theirs = got.float() != sb[name].float(), theirs[name].float() != sb[name].float()
+        assert int(kept_ours.sum()) == int(kept_theirs.sum()), name
+        tie = delta.abs() == _kth_magnitude(delta, 0.4)
+        assert bool(tie[kept_ours != kept_theirs].all()), name
+        ties, kept_ties = (t.flatten()[: tie.numel() // 4 * 4].view(4, -1).sum(dim=1) for t in (tie, kept_ours & tie))
+        if int(ties.min()) >= 2000 and 0 < int(kept_ties.sum()) < int(ties.sum()):
+            spread.append(kept_ties / ties - kept_ties.sum() / ties.sum())  # each quarter's keep rate, less the whole's
+    assert spread  # bfloat16 deltas tie at the threshold: the check had something to check
+    assert float(torch.stack(spread).abs().max()) < 0.03
 
 
 @pytest.mark.slow

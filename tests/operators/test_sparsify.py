@@ -1,14 +1,30 @@
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
 
 from evomerge.operators import sparsify
 
 
+def _fmix32(h: int) -> int:
+    """MurmurHash3's 32-bit finaliser, written out in Python integers."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) % 2**32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) % 2**32
+    return h ^ (h >> 16)
+
+
+def _priority(i: int, value: float) -> int:
+    key = struct.unpack("<I", struct.pack("<f", abs(value)))[0]
+    return _fmix32((i % 2**32) ^ key) + (i >> 32 << 32)
+
+
 def _reference_topk(x: torch.Tensor, k: int) -> torch.Tensor:
-    flat = x.reshape(-1)
-    order = sorted(range(flat.numel()), key=lambda i: (-abs(float(flat[i])), i))[:k]
+    flat = x.reshape(-1).float()
+    order = sorted(range(flat.numel()), key=lambda i: (-abs(float(flat[i])), _priority(i, float(flat[i]))))[:k]
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
     mask[order] = True
     return mask.view(x.shape)
@@ -24,6 +40,18 @@ def test_topk_mask_is_exact_with_deterministic_ties(seed):
         mask = sparsify.topk_mask(x, k)
         assert int(mask.sum()) == k
         assert torch.equal(mask, _reference_topk(x, k))
+
+
+def test_tie_priorities_are_distinct_and_spread_over_the_tensor():
+    """Half of 400,000 equal magnitudes kept: the same fraction in every tenth of the
+    rows (lowest-index ties would keep the first half whole), and none kept twice."""
+    x = torch.full((4000, 100), 0.25)
+    mask = sparsify.topk_mask(x, x.numel() // 2)
+    assert int(mask.sum()) == x.numel() // 2
+    per_tenth = mask.view(10, -1).float().mean(dim=1)
+    assert bool(((per_tenth - 0.5).abs() < 0.01).all()), per_tenth
+    index = torch.arange(1 << 20, dtype=torch.int64) * 4099 + (5 << 32)
+    assert sparsify.tie_priority(index, 0x3E800000).unique().numel() == index.numel()
 
 
 def test_topk_sets_are_nested():
