@@ -162,7 +162,8 @@ def _threshold_by_sample(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int)
     keep = j - int(greater)
     if keep >= int(equal.sum()):
         return int(key), NO_DROP
-    return int(key), _left_out(*kern.captured_ties(keys, index, counts, equal, key, n), keep)
+    flat, priority = kern.captured_ties(keys, index, counts, equal, key, n)
+    return int(key), _left_out(flat, priority, keep)
 
 
 def _threshold_by_histograms(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: int) -> tuple[int, np.ndarray]:
@@ -181,7 +182,8 @@ def _threshold_by_histograms(xs: np.ndarray, bs: np.ndarray | None, k: int, nb: 
     keep = k - greater
     if keep >= ties:
         return key, NO_DROP
-    return key, _left_out(*kern.scan_ties(xs, bs, key, nb), keep)
+    flat, priority = kern.scan_ties(xs, bs, key, nb)
+    return key, _left_out(flat, priority, keep)
 
 
 def _left_out(index: np.ndarray, priority: np.ndarray, keep: int) -> np.ndarray:
