@@ -1,6 +1,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,3 +56,43 @@ def mlflow_store(tmp_path_factory):
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
+
+
+DEMO_ZOO_TEST = "test_demo_zoo_builds_and_specialists_lead_their_task"
+DEMO_ZOO_BUILD = pytest.StashKey[tuple[subprocess.Popen, Path]]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The demo zoo's build (`evomerge zoo`: minutes on one core) starts as soon as its
+    test is collected, in a process of its own beside the rest of the suite, and the
+    test runs last, waiting for it: the suite's wall time does not add the build's."""
+    demo = [item for item in items if item.name == DEMO_ZOO_TEST]
+    if not demo:
+        return
+    items[:] = [item for item in items if item.name != DEMO_ZOO_TEST] + demo
+    work = Path(tempfile.mkdtemp(prefix="evomerge-demo-zoo-"))
+    with open(work / "build.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "evomerge.cli", "zoo", "--out", str(work / "zoo")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    config.stash[DEMO_ZOO_BUILD] = (proc, work)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    build = config.stash.get(DEMO_ZOO_BUILD, None)
+    if build is not None:
+        proc, work = build
+        if proc.poll() is None:  # an interrupted session: the build goes with it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture
+def demo_zoo_build(request: pytest.FixtureRequest) -> tuple[subprocess.Popen, Path]:
+    """The background build of the demo zoo: the process and its work directory
+    (``zoo`` inside once it succeeds, ``build.log`` beside it)."""
+    return request.config.stash[DEMO_ZOO_BUILD]

@@ -68,7 +68,9 @@ def load_inputs(
     a bad input from the result) or for resident sources that were checked once."""
 
     def one(ref: Ref) -> Tensor:
-        t = ckpts[ref.model].get(ref.tensor).to(device=device, non_blocking=True)
+        # asked for on the merge device: a resident source tensor already there comes back
+        # as it is (no copy to the host and back), a file's is read and moved once
+        t = ckpts[ref.model].get(ref.tensor, device)
         if check_finite:
             _check_input(t, ref)
         return t
