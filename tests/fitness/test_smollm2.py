@@ -34,6 +34,7 @@ def test_tiny_zoo_is_smollm2_with_chat_items_and_an_extended_vocabulary(smol_zoo
 
     manifest = load_zoo(smol_zoo)
     assert manifest["preset"] == "smollm2" and manifest["recipe_hash"] == SMOL_TINY.digest()
+    assert 0 < manifest["build_seconds"] < 600  # the build's own time (a minute or so), no other clock
     assert set(manifest["models"]) == {"base", "cmp", "next", "senti"}
     card = (smol_zoo / "base" / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +92,16 @@ def _same_as_mergekit(family, tmp_path, method):
         torch.testing.assert_close(got[name], expected[name].to(got[name].dtype), rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _kept_and_l1(out_dir: Path, base: dict, ft: dict, names: list[str]) -> tuple[float, float]:
+    """Of a one-model merge in ``out_dir``: the fraction of the task vector's nonzero
+    elements kept, and the L1 norm of the merged task vector over the task vector's."""
+    out = load_file(str(out_dir / "model.safetensors"))
+    kept = sum(int(((out[k].float() - base[k].float()).abs() > 0).sum()) for k in names)
+    changed = sum(int((ft[k] != base[k]).sum()) for k in names)
+    l1 = sum(float((out[k].float() - base[k].float()).abs().sum()) for k in names)
+    return kept / changed, l1 / sum(float((ft[k].float() - base[k].float()).abs().sum()) for k in names)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "method, params, density",
@@ -107,13 +118,7 @@ def test_random_methods_match_mergekit_in_distribution(family, tmp_path, method,
     assert res.returncode == 0, res.stderr[-3000:]
     run_merge(Recipe.from_yaml(path), tmp_path / "ours", seed=3)
     sb, sa = load_file(str(base / "model.safetensors")), load_file(str(a / "model.safetensors"))
-    stats = {}
-    for who in ("mk", "ours"):
-        out = load_file(str(tmp_path / who / "model.safetensors"))
-        kept = sum(int(((out[k] - sb[k]).abs() > 0).sum()) for k in sb)
-        total = sum(sb[k].numel() for k in sb)
-        l1 = sum(float((out[k] - sb[k]).abs().sum()) for k in sb) / sum(float((sa[k] - sb[k]).abs().sum()) for k in sb)
-        stats[who] = (kept / total, l1)
+    stats = {who: _kept_and_l1(tmp_path / who, sb, sa, list(sb)) for who in ("mk", "ours")}
     assert abs(stats["ours"][0] - density) < 0.01 and abs(stats["mk"][0] - density) < 0.01
     assert stats["ours"][1] == pytest.approx(stats["mk"][1], rel=0.02)
 
@@ -253,12 +258,6 @@ def test_smollm2_dare_ties_matches_mergekit_in_distribution(smol_zoo, tmp_path):
     run_merge(Recipe.from_yaml(path), tmp_path / "ours", seed=3)
     sb, sa = load_file(str(base / "model.safetensors")), load_file(str(a / "model.safetensors"))
     tuned = [k for k in sb if not torch.equal(sb[k], sa[k])]  # the trained layers
-    stats = {}
-    for who in ("mk", "ours"):
-        out = load_file(str(tmp_path / who / "model.safetensors"))
-        kept = sum(int(((out[k].float() - sb[k].float()).abs() > 0).sum()) for k in tuned)
-        changed = sum(int((sa[k] != sb[k]).sum()) for k in tuned)
-        l1 = sum(float((out[k].float() - sb[k].float()).abs().sum()) for k in tuned)
-        stats[who] = (kept / changed, l1 / sum(float((sa[k].float() - sb[k].float()).abs().sum()) for k in tuned))
+    stats = {who: _kept_and_l1(tmp_path / who, sb, sa, tuned) for who in ("mk", "ours")}
     assert abs(stats["ours"][0] - stats["mk"][0]) < 0.01
     assert stats["ours"][1] == pytest.approx(stats["mk"][1], rel=0.02)
