@@ -92,6 +92,16 @@ def _same_as_mergekit(family, tmp_path, method):
         torch.testing.assert_close(got[name], expected[name].to(got[name].dtype), rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _merge_both(text: str, tmp_path: Path, seed: int = 0) -> None:
+    """Merge the recipe ``text`` with mergekit into ``tmp_path / "mk"`` and with
+    evomerge (DARE's masks seeded by ``seed``) into ``tmp_path / "ours"``."""
+    path = tmp_path / "r.yml"
+    path.write_text(text)
+    res = subprocess.run([mergekit(), str(path), str(tmp_path / "mk")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_merge(Recipe.from_yaml(path), tmp_path / "ours", seed=seed)
+
+
 def _kept_and_l1(out_dir: Path, base: dict, ft: dict, names: list[str]) -> tuple[float, float]:
     """Of a one-model merge in ``out_dir``: the fraction of the task vector's nonzero
     elements kept, and the L1 norm of the merged task vector over the task vector's."""
@@ -112,11 +122,7 @@ def test_random_methods_match_mergekit_in_distribution(family, tmp_path, method,
     base, a, _, _ = family
     text = f"merge_method: {method}\nbase_model: {base}\ndtype: float32\nmodels:\n"
     text += f"  - {{model: {a}, parameters: {{weight: 1.0, {params}}}}}\n"
-    path = tmp_path / "r.yml"
-    path.write_text(text)
-    res = subprocess.run([mergekit(), str(path), str(tmp_path / "mk")], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run_merge(Recipe.from_yaml(path), tmp_path / "ours", seed=3)
+    _merge_both(text, tmp_path, seed=3)  # into tmp_path / "mk" and tmp_path / "ours"
     sb, sa = load_file(str(base / "model.safetensors")), load_file(str(a / "model.safetensors"))
     stats = {who: _kept_and_l1(tmp_path / who, sb, sa, list(sb)) for who in ("mk", "ours")}
     assert abs(stats["ours"][0] - density) < 0.01 and abs(stats["mk"][0] - density) < 0.01
@@ -146,11 +152,7 @@ def test_smollm2_in_bfloat16_as_mergekit(smol_zoo, tmp_path, case):
     base, a, b, c = (smol_zoo / n for n in ("base", "cmp", "next", "senti"))
     head = "" if case == "union" else f"merge_method: {case}\n"
     text = head + "dtype: bfloat16\n" + SMOL_CASES[case].format(base=base, a=a, b=b, c=c) + "\n"
-    path = tmp_path / "r.yml"
-    path.write_text(text)
-    res = subprocess.run([mergekit(), str(path), str(tmp_path / "mk")], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run_merge(Recipe.from_yaml(path), tmp_path / "ours")
+    _merge_both(text, tmp_path)  # into tmp_path / "mk" and tmp_path / "ours"
     expected = {}
     for f in (tmp_path / "mk").glob("*.safetensors"):
         expected.update(load_file(str(f)))
@@ -188,11 +190,7 @@ def test_smollm2_ties_differs_from_mergekit_only_at_threshold_ties(smol_zoo, tmp
     density = {a: 0.4, b: 0.6}
     text = f"merge_method: ties\nbase_model: {base}\ndtype: float32\nmodels:\n"
     text += "".join(f"  - {{model: {m}, parameters: {{weight: 0.8, density: {d}}}}}\n" for m, d in density.items())
-    path = tmp_path / "r.yml"
-    path.write_text(text)
-    res = subprocess.run([mergekit(), str(path), str(tmp_path / "mk")], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run_merge(Recipe.from_yaml(path), tmp_path / "ours")
+    _merge_both(text, tmp_path)  # into tmp_path / "mk" and tmp_path / "ours"
     theirs = load_file(str(tmp_path / "mk" / "model.safetensors"))
     ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
     sources = {m: load_file(str(m / "model.safetensors")) for m in (base, a, b)}
@@ -220,11 +218,7 @@ def test_smollm2_ties_keeps_as_many_as_mergekit_with_ties_spread_evenly(smol_zoo
     base, a = smol_zoo / "base", smol_zoo / "cmp"
     text = f"merge_method: ties\nbase_model: {base}\ndtype: float32\nmodels:\n"
     text += f"  - {{model: {a}, parameters: {{weight: 0.8, density: 0.4}}}}\n"
-    path = tmp_path / "r.yml"
-    path.write_text(text)
-    res = subprocess.run([mergekit(), str(path), str(tmp_path / "mk")], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run_merge(Recipe.from_yaml(path), tmp_path / "ours")
+    _merge_both(text, tmp_path)  # into tmp_path / "mk" and tmp_path / "ours"
     theirs = load_file(str(tmp_path / "mk" / "model.safetensors"))
     ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
     sb, sa = load_file(str(base / "model.safetensors")), load_file(str(a / "model.safetensors"))
@@ -251,11 +245,7 @@ def test_smollm2_dare_ties_matches_mergekit_in_distribution(smol_zoo, tmp_path):
     base, a = smol_zoo / "base", smol_zoo / "cmp"
     text = f"merge_method: dare_ties\nbase_model: {base}\ndtype: float32\nmodels:\n"
     text += f"  - {{model: {a}, parameters: {{weight: 1.0, density: 0.3}}}}\n"
-    path = tmp_path / "r.yml"
-    path.write_text(text)
-    res = subprocess.run([mergekit(), str(path), str(tmp_path / "mk")], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run_merge(Recipe.from_yaml(path), tmp_path / "ours", seed=3)
+    _merge_both(text, tmp_path, seed=3)  # into tmp_path / "mk" and tmp_path / "ours"
     sb, sa = load_file(str(base / "model.safetensors")), load_file(str(a / "model.safetensors"))
     tuned = [k for k in sb if not torch.equal(sb[k], sa[k])]  # the trained layers
     stats = {who: _kept_and_l1(tmp_path / who, sb, sa, tuned) for who in ("mk", "ours")}
