@@ -64,7 +64,8 @@ DEMO_ZOO_BUILD = pytest.StashKey[tuple[subprocess.Popen, Path]]()
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The demo zoo's build (`evomerge zoo`: minutes on one core) starts as soon as its
-    test is collected, in a process of its own beside the rest of the suite, and the
+    test is collected, in a process of its own at the lowest priority beside the rest of
+    the suite (which waits on subprocesses, Ray and servers much of the time), and the
     test runs last, waiting for it: the suite's wall time does not add the build's."""
     demo = [item for item in items if item.name == DEMO_ZOO_TEST]
     if not demo:
@@ -77,6 +78,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=lambda: os.nice(19),  # idle CPU only: the tests that run meanwhile keep their speed
         )
     config.stash[DEMO_ZOO_BUILD] = (proc, work)
 
