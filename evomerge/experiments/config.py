@@ -107,6 +107,10 @@ class ExperimentConfig(BaseModel):
     workers: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads_per_worker: int | None = Field(None, ge=1)
+    # where each worker keeps its sources: on its device, streamed from host memory, or
+    # auto (resident when that fits device_memory_gib); see evomerge.search.memory
+    placement: Literal["auto", "resident", "streamed"] = "auto"
+    device_memory_gib: float | None = Field(None, gt=0)  # per worker; default: free memory at start
     # how long the workers may take to start (placed by Ray, sources loaded) before the run stops
     worker_start_timeout_s: float = Field(900.0, gt=0)
 

@@ -16,6 +16,7 @@ from evomerge.errors import EvomergeError
 from evomerge.experiments.config import ExperimentConfig
 from evomerge.experiments.rundir import RunDir, RunLog, check_sqlite, holds_study, write_atomic, write_json
 from evomerge.search.loop import Budget, SearchLoop, SearchStats, TrialRecord, record_from_trial, trial_seed
+from evomerge.search.memory import MemoryPlan, default_budget_gib, footprint, plan_memory
 from evomerge.search.space import SearchSpace, Space
 from evomerge.search.stack import RESIDUAL, StackSpace
 from evomerge.search.worker import Job, JobResult, WorkerSpec
@@ -39,6 +40,7 @@ class Prepared:
     spec: WorkerSpec
     gpus: bool
     workers: int
+    memory: MemoryPlan | None = None  # None for layer-stack searches (their sources are the models)
 
 
 def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Prepared:
@@ -57,6 +59,10 @@ def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Pre
             ensure_preset(cfg.zoo_preset, zoo, log=log)
     refs = list(dict.fromkeys([*([cfg.base_model] if cfg.base_model else []), *cfg.models]))
     paths = {ref: str(cfg.resolve_model(ref)) for ref in refs}
+    gpus = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    # a GPU search merges and scores in bfloat16 unless the config names a dtype; the
+    # recipes carry it, so the export is what was scored
+    dtype = cfg.merge.dtype if "dtype" in cfg.merge.model_fields_set or not gpus else "bfloat16"
     space: SearchSpace | StackSpace
     if cfg.layers is not None:
         space = _stack_space(cfg, paths)
@@ -64,12 +70,12 @@ def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Pre
         first = open_checkpoint(paths[refs[0]])
         n_layers = first.num_layers or 1
         first.close()
-        space = SearchSpace(cfg.merge, cfg.models, cfg.base_model, n_layers)
-    gpus = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        space = SearchSpace(cfg.merge.model_copy(update={"dtype": dtype}), cfg.models, cfg.base_model, n_layers)
     n = workers or cfg.workers
     if gpus:
         n = min(n, max(1, torch.cuda.device_count()))
     threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // n)
+    device = "cuda" if gpus else "cpu"
     spec = WorkerSpec(
         sources=paths,
         model_ref=refs[0],
@@ -77,12 +83,30 @@ def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Pre
         zoo_root=str(cfg.zoo_dir()) if cfg.uses_zoo() else None,
         base_dir=str(cfg.source_dir),
         seed=cfg.search.seed,
-        device="cuda" if gpus else "cpu",
-        dtype="bfloat16" if gpus else cfg.merge.dtype,
+        device=device,
+        dtype=dtype,
         threads=None if gpus else threads,
         stack=cfg.layers is not None,
     )
     return Prepared(cfg, paths, space, spec, gpus, n)
+
+
+def with_memory_plan(prep: Prepared) -> Prepared:
+    """``prep`` with its workers' memory plan (a weight search's; a layer-stack search
+    keeps its sources as models): refused here, before anything starts, when even
+    streamed sources would not fit the budget."""
+    cfg, spec = prep.cfg, prep.spec
+    if cfg.layers is not None:
+        return prep
+    from evomerge.operators.recipe import DTYPES
+
+    budget = cfg.device_memory_gib or default_budget_gib(spec.device, 1 if prep.gpus else prep.workers)
+    fp = footprint(
+        [spec.sources[spec.model_ref], *(p for r, p in spec.sources.items() if r != spec.model_ref)],
+        DTYPES[spec.dtype].itemsize,
+    )
+    memory = plan_memory(fp, cfg.placement, spec.device, budget)
+    return replace(prep, memory=memory, spec=replace(spec, placement=memory.placement, read_ahead=memory.read_ahead))
 
 
 STACK_KEYS = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
@@ -241,7 +265,7 @@ def finalize(
         ("best", ""): (best.recipe, trial_seed(seed, best.seed_number)),
         # the search's starting point: the untuned merge (weights 1/N), or a stack search's first model
         ("baseline", "start" if cfg.layers else "default_merge"): (default_recipe, trial_seed(seed, -1)),
-        **{("source", ref): (_source_recipe(space, ref, cfg.merge.dtype), 0) for ref in _scored_sources(cfg)},
+        **{("source", ref): (_source_recipe(space, ref, prep.spec.dtype), 0) for ref in _scored_sources(cfg)},
     }
     wanted = [(c, split) for c in candidates for split in (("test",) if c[0] == "best" else (None, "test"))]
     jobs = [Job(k, candidates[c][0], seed=candidates[c][1], split=split) for k, (c, split) in enumerate(wanted)]
@@ -273,6 +297,8 @@ def finalize(
         "trials": _trial_counts(study),
         **_session_figures(run, stats, prep.workers),
     }
+    if prep.memory is not None:
+        summary["memory"] = prep.memory.summary()
     if len(cfg.fitness.objectives) > 1:
         summary["pareto_front"] = [
             {"trial": t.number, "values": dict(zip(cfg.fitness.objectives, t.values))} for t in study.best_trials
@@ -354,6 +380,7 @@ def run_experiment(
     run = RunDir(out)
     prep = prepare(cfg, options.workers, log=log)
     _check_local_device(prep, options)
+    prep = with_memory_plan(prep)
     if options.track:  # a bad tracking store is refused before the run directory is touched
         from evomerge.experiments.tracking import open_client, tracking_uri
 
@@ -382,6 +409,9 @@ def _run_session(cfg, run: RunDir, prep: Prepared, options: RunOptions, resume: 
     def both(message: str) -> None:
         log(message)
         runlog(message)
+
+    if prep.memory is not None:
+        both(prep.memory.line())
 
     study = open_study(cfg, run, prep)
     budget = Budget(cfg.search.trials, cfg.search.timeout_minutes * 60 if cfg.search.timeout_minutes else None)

@@ -116,8 +116,9 @@ class Checkpoint:
         Plain positioned reads rather than a memory map: pages of the files never
         count towards this process's memory, only the tensors it holds.
         """
-        if self.pickled is not None:
-            return self.pickled[name].to(device)
+        if self.pickled is not None:  # held tensors: as they are on their own device, else copied
+            held = self.pickled[name]
+            return held.to(device, non_blocking=held.is_pinned())  # pinned: asynchronous to a GPU
         info = self.tensors.get(name)
         if info is None:
             raise ModelError(f"{self.path}: has no tensor '{name}'")

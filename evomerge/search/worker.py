@@ -1,15 +1,19 @@
 """A merge worker: source models resident on one device, candidates merged in memory.
 
-The worker loads every source once, keeps their tensors on its device, and owns
-one resident model whose parameters each candidate overwrites in place with the
-same planner and operators as the one-shot merge (no disk per candidate). It
-then scores the model with the fitness evaluator. Nothing here knows of Ray.
+The worker loads every source once and owns one resident model whose parameters
+each candidate overwrites in place with the same planner and operators as the
+one-shot merge (no disk per candidate). It then scores the model with the fitness
+evaluator. The sources stay on its device (``resident``) or in host memory
+(``streamed``: pinned, each tensor's inputs copied to the device on a side stream
+ahead of its merge; see :mod:`evomerge.search.memory`). Nothing here knows of Ray.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,8 @@ class WorkerSpec:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
+    placement: str = "resident"  # or "streamed": the sources in host memory (evomerge.search.memory)
+    read_ahead: int = 256 << 20  # streamed: bytes copied ahead of the merge at most
     stack: bool = False  # candidates are layer stacks (passthrough slices), evaluated without merging weights
     # started with the worker, stopped by ``stop``: an object whose ``start()`` returns a stop
     # function (the experiment's system-metrics logging); the worker knows nothing more of it
@@ -76,13 +82,15 @@ class JobResult:
         return self.error is None
 
 
-def resident_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> Checkpoint:
-    """Every tensor of a model directory, loaded once onto ``device``."""
+def resident_checkpoint(path: Path, device: torch.device, dtype: torch.dtype, *, pin: bool = False) -> Checkpoint:
+    """Every tensor of a model directory, loaded once onto ``device`` (host memory pinned
+    for asynchronous copies to a GPU when ``pin``)."""
     ck = open_checkpoint(path)
     state = {}
     for name, _info in ck.tensors.items():
         t = ck.get(name)
-        state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        state[name] = t.pin_memory() if pin else t
     ck.close()
     infos = {k: TensorInfo(k, path, v.dtype, tuple(v.shape)) for k, v in state.items()}
     return Checkpoint(path, ck.config, infos, pickled=state)
@@ -188,7 +196,10 @@ class MergeWorker:
             self.stacks = StackedModels({r: Path(p) for r, p in spec.sources.items()}, self.device, dtype)
             self.model, self.tokenizer = self.stacks.shell, self.stacks.tokenizer
         else:
-            self.sources = {ref: resident_checkpoint(Path(p), self.device, dtype) for ref, p in spec.sources.items()}
+            streamed = spec.placement == "streamed"
+            held = torch.device("cpu") if streamed else self.device
+            pin = streamed and self.device.type == "cuda"
+            self.sources = {ref: resident_checkpoint(Path(p), held, dtype, pin=pin) for ref, p in spec.sources.items()}
             self.model, self.tokenizer = load_model(Path(spec.sources[spec.model_ref]), self.device, dtype)
             self.params = self.model.state_dict()
             # the resident model's own tokenizer: the one ready() encodes the samples with
@@ -197,6 +208,7 @@ class MergeWorker:
         self._fitness = fitness
         self._evaluators: dict[str, Evaluator] = {}
         self._aligned: dict[tuple, Any] = {}
+        self.copied_bytes = 0  # host-to-device bytes of the last candidate's inputs
         self._stop_monitor = spec.monitor.start() if spec.monitor is not None else None
 
     def stop(self) -> None:
@@ -222,22 +234,58 @@ class MergeWorker:
         """Overwrite the resident model's tensors with the merge of ``recipe``."""
         plan = build_plan(recipe, self.sources)
         self._fit_vocabulary(plan)
-        for pt in plan.tensors:
-            if pt.name not in self.params:
-                raise EvomergeError(f"merged tensor '{pt.name}' is not a parameter of the resident model")
-            inputs = self._inputs(pt)
+        unknown = next((pt.name for pt in plan.tensors if pt.name not in self.params), None)
+        if unknown is not None:
+            raise EvomergeError(f"merged tensor '{unknown}' is not a parameter of the resident model")
+        self.copied_bytes = 0
+        for pt, inputs in self._stream(plan.tensors):
             out = merge_planned(pt, plan, inputs, self.device, seed)
             self.params[pt.name].copy_(out)
 
+    def _stream(self, tensors: list) -> Iterator[tuple[Any, Any]]:
+        """Each planned tensor with its inputs on the merge device. Resident sources are
+        used in place. Streamed ones are copied from pinned host memory on a side CUDA
+        stream, up to ``read_ahead`` bytes ahead of the merge, which waits for each
+        tensor's copy (an event) before using it; on the CPU there is nothing to copy."""
+        if self.spec.placement != "streamed" or self.device.type != "cuda":
+            for pt in tensors:
+                yield pt, self._inputs(pt)
+            return
+        side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+        pending: deque = deque()
+        ahead = 0
+        for pt in tensors:
+            pending.append(self._copy_ahead(pt, side))
+            ahead += pending[-1][3]
+            while pending and ahead >= self.spec.read_ahead:  # enough in flight: merge the oldest
+                ahead -= pending[0][3]
+                yield _arrived(pending.popleft(), main)
+        while pending:
+            yield _arrived(pending.popleft(), main)
+
+    def _copy_ahead(self, pt, side) -> tuple[Any, Any, Any, int]:
+        with torch.cuda.stream(side):
+            inputs = self._inputs(pt)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        size = sum(t.nbytes for t in _flat(inputs))
+        self.copied_bytes += size
+        return pt, inputs, ready, size
+
     def _inputs(self, pt):
-        """A planned tensor's inputs; a vocabulary tensor's, aligned to the output vocabulary
-        once and kept (the sources are fixed, so every candidate aligns them alike)."""
+        """A planned tensor's inputs on the merge device; a vocabulary tensor's, aligned to
+        the output vocabulary once and kept where the sources are (every candidate aligns
+        them alike), then moved like the others."""
         if pt.vocab is None:
             return load_inputs(pt, self.sources, self.device, check_finite=False)
         key = (pt.name, tuple(pt.sources), pt.base, id(pt.vocab))
         if key not in self._aligned:
-            self._aligned[key] = load_inputs(pt, self.sources, self.device, check_finite=False)
-        return self._aligned[key]
+            held = next(iter(self.sources.values())).pickled
+            where = next(iter(held.values())).device if held else self.device
+            self._aligned[key] = load_inputs(pt, self.sources, where, check_finite=False)
+        tensors, base = self._aligned[key]
+        move = lambda t: t.to(self.device, non_blocking=t.is_pinned())  # noqa: E731
+        return [move(t) for t in tensors], (move(base) if base is not None else None)
 
     def _fit_vocabulary(self, plan) -> None:
         """Give the resident model the merge's output vocabulary: its rows, and the tokenizer
@@ -281,9 +329,7 @@ class MergeWorker:
                 self.merge(recipe, tensor_seed(job.seed, "trial"))
             merged = time.perf_counter()
             result.merge_seconds = merged - start
-            fit = self.evaluator(job.split).evaluate(
-                self.model, self.tokenizer, fraction=job.fraction, prior=job.prior
-            )
+            fit = self.evaluator(job.split).evaluate(self.model, self.tokenizer, fraction=job.fraction, prior=job.prior)
             result.score_seconds = time.perf_counter() - merged
             result.value, result.values, result.tasks, result.samples = fit.fitness, fit.values, fit.tasks, fit.samples
             result.per_sample = fit.per_sample
@@ -292,3 +338,17 @@ class MergeWorker:
         except EvomergeError as err:
             result.error = str(err)
         return result
+
+
+def _arrived(item: tuple[Any, Any, Any, int], main) -> tuple[Any, Any]:
+    """A copied-ahead tensor's inputs, once its copy is done, for use on ``main``."""
+    pt, inputs, ready, _size = item
+    main.wait_event(ready)
+    for t in _flat(inputs):
+        t.record_stream(main)  # made on the side stream, used (and freed) on this one
+    return pt, inputs
+
+
+def _flat(inputs) -> list[torch.Tensor]:
+    tensors, base = inputs
+    return [*tensors, *([base] if base is not None else [])]

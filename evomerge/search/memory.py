@@ -1,0 +1,202 @@
+"""Where a search worker keeps its sources: the memory plan, decided before any worker starts.
+
+A worker holds one resident model (each candidate overwrites its tensors) and the
+sources every candidate is merged from. ``resident`` keeps the sources on the merge
+device; ``streamed`` keeps them in host memory (pinned when the device is a GPU) and
+copies each planned tensor's inputs to the device just before it is merged, at most
+``read_ahead`` bytes ahead, so the device holds one model plus a few tensors.
+
+The arithmetic, per worker (bytes in the search dtype, from the safetensors headers):
+
+* merge temporaries: the largest tensor's inputs widened to float32, plus the float32
+  result and its cast: ``(inputs + 2) * largest_numel * 4``;
+* scoring activations: ``ACTIVATION_TOKENS`` tokens through the widest layer (hidden
+  and MLP states, twice each, in the search dtype) and ``LOGIT_ROWS`` rows of float32
+  logits (the native scorer's head runs at answer positions only);
+* resident: device = model + sources + temporaries + activations; host = 0;
+* streamed: device = model + read-ahead + temporaries + activations; host = sources.
+
+On the CPU the device is host memory: both placements need the same, which the
+budget must hold (``auto`` keeps the sources resident there).
+
+Neither counts the process itself (Python, torch and the libraries: about 0.7 GiB of
+host memory on the CPU, measured) nor, on a GPU, the CUDA context: the default budget
+is what is free when the plan is made, and a margin of ``MARGIN`` is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from evomerge.errors import EvomergeError
+
+GIB = 1 << 30
+READ_AHEAD_BYTES = 256 << 20  # what the streamed copy may run ahead of the merge (at least one tensor's inputs)
+ACTIVATION_TOKENS = 160 * 256  # the native scorer's batch (160 items) of 256 tokens
+LOGIT_ROWS = 160 * 16  # its output head runs at answer positions only: 16 a item
+MARGIN = 0.10  # of the budget, kept free
+
+Placement = Literal["auto", "resident", "streamed"]
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a search over some sources holds, in bytes of the search dtype."""
+
+    model: int  # the resident model (the sources' first model's tensors)
+    sources: int  # every source's tensors
+    largest: int  # elements of the largest tensor
+    inputs: int  # inputs of one planned tensor (the sources merged into it)
+    hidden: int  # the widest activation per token (hidden or MLP size)
+    vocab: int
+    itemsize: int
+
+    @property
+    def temporaries(self) -> int:
+        return (self.inputs + 2) * self.largest * 4
+
+    @property
+    def activations(self) -> int:
+        return ACTIVATION_TOKENS * 4 * self.hidden * self.itemsize + LOGIT_ROWS * self.vocab * 4
+
+    @property
+    def read_ahead(self) -> int:
+        # at least one tensor's inputs; never more than all of them
+        return min(self.sources, max(READ_AHEAD_BYTES, self.inputs * self.largest * self.itemsize))
+
+    def device_bytes(self, placement: str, device: str = "cuda") -> int:
+        """On the CPU nothing is copied ahead: the merge reads streamed sources in place."""
+        ahead = 0 if not device.startswith("cuda") else self.read_ahead
+        held = self.sources if placement == "resident" else ahead
+        return self.model + held + self.temporaries + self.activations
+
+    def host_bytes(self, placement: str) -> int:
+        return 0 if placement == "resident" else self.sources
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A worker's placement and what it needs where (GiB); the budget it was fitted to."""
+
+    placement: Literal["resident", "streamed"]
+    device: str
+    device_gib: float
+    host_gib: float
+    budget_gib: float
+    read_ahead: int
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "placement": self.placement,
+            "device": self.device,
+            "device_gib": round(self.device_gib, 3),
+            "host_gib": round(self.host_gib, 3),
+            "budget_gib": round(self.budget_gib, 3),
+        }
+
+    def line(self) -> str:
+        return (
+            f"memory: sources {self.placement} ({self.device}): {self.device_gib:.2f} GiB per worker on the device, "
+            f"{self.host_gib:.2f} GiB in host memory, budget {self.budget_gib:.2f} GiB"
+        )
+
+
+def footprint(paths: list[str], dtype_bytes: int) -> Footprint:
+    """The footprint of a search over the model directories ``paths`` (the first is the
+    resident model's), read from their headers and configs only."""
+    from evomerge.operators.checkpoint import open_checkpoint
+
+    sizes, largest, config = [], 0, {}
+    for i, path in enumerate(paths):
+        ck = open_checkpoint(Path(path))
+        try:
+            numels = [_numel(info.shape) for info in ck.tensors.values() if info.dtype.is_floating_point]
+        finally:
+            ck.close()
+        sizes.append(sum(numels) * dtype_bytes)
+        largest = max([largest, *numels])
+        if i == 0:
+            config = ck.config
+    hidden = max(int(config.get("hidden_size", 0) or 0), int(config.get("intermediate_size", 0) or 0))
+    return Footprint(
+        model=sizes[0],
+        sources=sum(sizes),
+        largest=largest,
+        inputs=len(paths),
+        hidden=hidden,
+        vocab=int(config.get("vocab_size", 0) or 0),
+        itemsize=dtype_bytes,
+    )
+
+
+def llama_footprint(config: dict, sources: int, itemsize: int) -> Footprint:
+    """The footprint of ``sources`` models (base included) of a Llama-shaped ``config``
+    (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+    num_key_value_heads, vocab_size, tie_word_embeddings), without any weights."""
+    h, i, layers, v = (int(config[k]) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    kv = h * int(config.get("num_key_value_heads", config["num_attention_heads"])) // int(config["num_attention_heads"])
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    numel = v * h * (1 if config.get("tie_word_embeddings") else 2) + layers * per_layer + h
+    model = numel * itemsize
+    return Footprint(
+        model=model,
+        sources=model * sources,
+        largest=max(v * h, h * i),
+        inputs=sources,
+        hidden=max(h, i),
+        vocab=v,
+        itemsize=itemsize,
+    )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def plan_memory(fp: Footprint, placement: Placement, device: str, budget_gib: float) -> MemoryPlan:
+    """The placement for ``fp`` within ``budget_gib`` per worker: ``auto`` is resident when
+    that fits (less the margin), else streamed; a plan that does not fit is refused."""
+    usable = budget_gib * (1 - MARGIN)
+    # on the CPU the device is the host: streaming saves nothing there, the budget holds both
+    on_host = not device.startswith("cuda")
+    need = {
+        p: (fp.device_bytes(p, device) + (fp.host_bytes(p) if on_host else 0)) / GIB for p in ("resident", "streamed")
+    }
+    if placement == "auto":
+        chosen = "resident" if need["resident"] <= usable else "streamed"
+    else:
+        chosen = placement
+    if need[chosen] > usable:
+        hint = "" if chosen == "streamed" or need["streamed"] > usable else " (placement: streamed fits)"
+        raise EvomergeError(
+            f"device_memory_gib: a worker needs {need[chosen]:.2f} GiB on {device} with its sources {chosen} "
+            f"(model {fp.model / GIB:.2f}, sources {fp.sources / GIB:.2f}, merge temporaries "
+            f"{fp.temporaries / GIB:.2f}, scoring {fp.activations / GIB:.2f} GiB); the budget is {budget_gib:.2f} GiB "
+            f"less a {MARGIN:.0%} margin{hint}"
+        )
+    return MemoryPlan(
+        placement=chosen,  # type: ignore[arg-type]
+        device=device,
+        device_gib=fp.device_bytes(chosen, device) / GIB,
+        host_gib=fp.host_bytes(chosen) / GIB,
+        budget_gib=budget_gib,
+        read_ahead=fp.read_ahead,
+    )
+
+
+def default_budget_gib(device: str, workers: int) -> float:
+    """What one worker may use: a GPU's free memory (each worker has its own), or the
+    host's available memory shared by the workers of this machine."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return free / GIB
+    import psutil
+
+    return psutil.virtual_memory().available / GIB / max(1, workers)
