@@ -42,20 +42,33 @@ def _rss_mib() -> float:
 
 
 def _peak_mib() -> float:
+    """This process's peak resident memory (VmHWM: ru_maxrss would carry the parent's
+    peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_large(root: Path) -> list[str]:
+def make_large(root: Path, tokenizer_from: Path) -> list[str]:
+    """The ~1B Llama and two fine-tunes (a worker loads a tokenizer with its model: the
+    demo zoo's is copied in; nothing here is scored)."""
+    import shutil
+
     import torch
 
     from evomerge.testing import make_family
 
     if not (root / "ft2" / "config.json").exists():
         make_family(root, 2, seed=0, dtype=torch.bfloat16, **LARGE)
-    return [str(root / n) for n in ("base", "ft1", "ft2")]
+    names = ("base", "ft1", "ft2")
+    for f in tokenizer_from.glob("*token*"):
+        for n in names:
+            shutil.copy(f, root / n / f.name)
+    return [str(root / n) for n in names]
 
 
-def one(paths: list[str], placement: str, dtype: str, repeats: int, threads: int) -> dict:
+def one(paths: list[str], placement: str, dtype: str, repeats: int, threads: int, methods: list[str]) -> dict:
     """In this process: a worker over ``paths`` (base first), each method's merges timed."""
     import torch
 
@@ -83,7 +96,8 @@ def one(paths: list[str], placement: str, dtype: str, repeats: int, threads: int
     )
     worker = MergeWorker(spec)
     out: dict = {"placement": placement, "methods": {}}
-    for method, params in METHODS.items():
+    for method in methods:
+        params = METHODS[method]
         recipe_dict = {
             "merge_method": method,
             "dtype": dtype,
@@ -128,12 +142,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-large", action="store_true", help="the demo zoo only")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
     ap.add_argument("--zoo", type=Path, default=None, help="a demo zoo directory (default: the demo preset's)")
     ap.add_argument("--one", nargs=3, metavar=("PATHS", "PLACEMENT", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         paths, placement, dtype = args.one
-        print(json.dumps(one(paths.split(","), placement, dtype, args.repeats, args.threads)))
+        methods = args.methods.split(",")
+        print(json.dumps(one(paths.split(","), placement, dtype, args.repeats, args.threads, methods)))
         return
     from evomerge.fitness.presets import ensure_preset
     from evomerge.fitness.zoo import load_zoo
@@ -144,11 +160,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="evomerge-candidate-cost-") as work:
         if not args.skip_large:
             t = time.perf_counter()
-            cases["~1B Llama (bfloat16)"] = (make_large(Path(work) / "large"), "bfloat16")
+            cases["~1B Llama (bfloat16)"] = (make_large(Path(work) / "large", zoo / models["base"]["path"]), "bfloat16")
             print(f"~1B Llama written in {time.perf_counter() - t:.0f} s", flush=True)
         for name, (paths, dtype) in cases.items():
             for placement in ("resident", "streamed"):
                 cmd = [sys.executable, __file__, "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                cmd += ["--methods", args.methods]
                 cmd += ["--one", ",".join(paths), placement, dtype]
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode:
