@@ -100,11 +100,17 @@ def with_memory_plan(prep: Prepared) -> Prepared:
         return prep
     from evomerge.operators.recipe import DTYPES
 
+    try:
+        fp = footprint(
+            [spec.sources[spec.model_ref], *(p for r, p in spec.sources.items() if r != spec.model_ref)],
+            DTYPES[spec.dtype].itemsize,
+        )
+    except (EvomergeError, OSError):
+        # a source the driver cannot read: on a cluster the nodes may hold it, and a damaged
+        # one is named by the workers that load it; the config's placement stands unplanned
+        placement = "resident" if cfg.placement == "auto" else cfg.placement
+        return replace(prep, spec=replace(spec, placement=placement))
     budget = cfg.device_memory_gib or default_budget_gib(spec.device, 1 if prep.gpus else prep.workers)
-    fp = footprint(
-        [spec.sources[spec.model_ref], *(p for r, p in spec.sources.items() if r != spec.model_ref)],
-        DTYPES[spec.dtype].itemsize,
-    )
     memory = plan_memory(fp, cfg.placement, spec.device, budget)
     return replace(prep, memory=memory, spec=replace(spec, placement=memory.placement, read_ahead=memory.read_ahead))
 

@@ -84,7 +84,7 @@ class MemoryPlan:
     device: str
     device_gib: float
     host_gib: float
-    budget_gib: float
+    budget_gib: float | None  # None: not known where the plan was made (a cluster's GPUs)
     read_ahead: int
 
     def summary(self) -> dict[str, object]:
@@ -93,13 +93,14 @@ class MemoryPlan:
             "device": self.device,
             "device_gib": round(self.device_gib, 3),
             "host_gib": round(self.host_gib, 3),
-            "budget_gib": round(self.budget_gib, 3),
+            "budget_gib": None if self.budget_gib is None else round(self.budget_gib, 3),
         }
 
     def line(self) -> str:
         return (
             f"memory: sources {self.placement} ({self.device}): {self.device_gib:.2f} GiB per worker on the device, "
-            f"{self.host_gib:.2f} GiB in host memory, budget {self.budget_gib:.2f} GiB"
+            f"{self.host_gib:.2f} GiB in host memory, budget "
+            + ("unknown here" if self.budget_gib is None else f"{self.budget_gib:.2f} GiB")
         )
 
 
@@ -158,10 +159,11 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def plan_memory(fp: Footprint, placement: Placement, device: str, budget_gib: float) -> MemoryPlan:
+def plan_memory(fp: Footprint, placement: Placement, device: str, budget_gib: float | None) -> MemoryPlan:
     """The placement for ``fp`` within ``budget_gib`` per worker: ``auto`` is resident when
-    that fits (less the margin), else streamed; a plan that does not fit is refused."""
-    usable = budget_gib * (1 - MARGIN)
+    that fits (less the margin), else streamed; a plan that does not fit is refused.
+    Without a budget (GPUs the planning process cannot see) ``auto`` is resident."""
+    usable = float("inf") if budget_gib is None else budget_gib * (1 - MARGIN)
     # on the CPU the device is the host: streaming saves nothing there, the budget holds both
     on_host = not device.startswith("cuda")
     need = {
@@ -189,12 +191,15 @@ def plan_memory(fp: Footprint, placement: Placement, device: str, budget_gib: fl
     )
 
 
-def default_budget_gib(device: str, workers: int) -> float:
-    """What one worker may use: a GPU's free memory (each worker has its own), or the
-    host's available memory shared by the workers of this machine."""
+def default_budget_gib(device: str, workers: int) -> float | None:
+    """What one worker may use: a GPU's free memory (each worker has its own; None when
+    this process sees no GPU, as a driver off a cluster's GPU nodes), or the host's
+    available memory shared by the workers of this machine."""
     if device.startswith("cuda"):
         import torch
 
+        if not torch.cuda.is_available():
+            return None
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return free / GIB
     import psutil

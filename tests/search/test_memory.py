@@ -98,3 +98,10 @@ def test_resident_sources_on_a_device_are_not_copied_per_candidate(tiny_cfg):
     recipe = prep.space.recipe(prep.space.default_params()).to_dict()
     assert worker.run(Job(0, recipe, seed=0)).ok and worker.copied_bytes == 0
     assert all(t.device == torch.device("cpu") for ck in worker.sources.values() for t in ck.pickled.values())
+
+
+def test_without_a_known_budget_auto_is_resident_and_nothing_is_refused(family):
+    """A driver that sees no GPU (a cluster's are on other nodes) cannot size the plan."""
+    plan = _plan(family, "auto", "cuda", None)
+    assert plan.placement == "resident" and plan.budget_gib is None and "budget unknown here" in plan.line()
+    assert _plan(family, "streamed", "cuda", None).placement == "streamed"
