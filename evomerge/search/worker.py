@@ -280,8 +280,7 @@ class MergeWorker:
             return load_inputs(pt, self.sources, self.device, check_finite=False)
         key = (pt.name, tuple(pt.sources), pt.base, id(pt.vocab))
         if key not in self._aligned:
-            held = next(iter(self.sources.values())).pickled
-            where = next(iter(held.values())).device if held else self.device
+            where = torch.device("cpu") if self.spec.placement == "streamed" else self.device
             self._aligned[key] = load_inputs(pt, self.sources, where, check_finite=False)
         tensors, base = self._aligned[key]
         move = lambda t: t.to(self.device, non_blocking=t.is_pinned())  # noqa: E731
