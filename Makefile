@@ -10,13 +10,15 @@ venv: $(STAMP)
 
 # torch is pinned to the CPU wheel (2.13.0) on machines without CUDA, where an
 # unpinned torch would pull a multi-GB CUDA build; with nvidia-smi present the
-# normal pip resolution (a CUDA build) is used.
+# normal pip resolution (a CUDA build) is used. pip installs torch (it finds the
+# local CPU wheel); uv installs the rest, keeping that torch: the same packages as
+# pip resolves, in 13 s instead of 123 s on 2 cores (pip freeze compared).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip uv
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[dev]'
+	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev]'
 	touch $(STAMP)
 
 # The main job on the demo zoo: builds the zoo when missing (about 3 minutes on
@@ -31,10 +33,10 @@ MERGEKIT := $(MERGEKIT_VENV)/bin/mergekit-yaml
 
 $(MERGEKIT):
 	$(PYTHON) -m venv $(MERGEKIT_VENV)
-	$(MERGEKIT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MERGEKIT_VENV)/bin/python -m pip install -q --upgrade pip uv
 	if command -v nvidia-smi >/dev/null 2>&1; then $(MERGEKIT_VENV)/bin/python -m pip install -q torch; \
 	else $(MERGEKIT_VENV)/bin/python -m pip install -q torch==2.13.0; fi
-	$(MERGEKIT_VENV)/bin/python -m pip install -q mergekit==0.1.5
+	$(MERGEKIT_VENV)/bin/uv pip install -q --python $(MERGEKIT_VENV)/bin/python mergekit==0.1.5
 	test -x $(MERGEKIT)
 
 test: $(STAMP) $(MERGEKIT)
