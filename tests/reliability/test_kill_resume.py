@@ -3,7 +3,8 @@ met, no finished trial is lost or run twice, exactly one MLflow child run per tr
 
 One test kills from outside at whatever moment the fifth trial finishes; the others
 kill from inside the real code path at a chosen moment (tests/reliability/killer.py):
-in the middle of a merge, in the middle of scoring, and between a tell and its log.
+in the middle of a merge, in the middle of scoring, and between a tell and its log
+(one run killed three times, each resume at a later moment).
 """
 
 from __future__ import annotations
@@ -122,23 +123,38 @@ def test_kill_9_mid_search_then_resume(tiny_zoo, tmp_path):
     _resume_and_check(run, env, 40, before)
 
 
-@pytest.mark.parametrize("moment", ["merge:5", "score:7", "log:9"])
-def test_kill_9_at_a_chosen_moment_then_resume(tiny_zoo, tmp_path, moment):
+def test_kill_9_at_chosen_moments_then_resume(tiny_zoo, tmp_path):
+    """Killed mid-merge of trial 5 (the run), mid-scoring of trial 9 (the first resume),
+    between the tell and the MLflow log of trial 13 (the second resume), then resumed to
+    the end: after each kill the trial is where the moment left it, and in the end each
+    trial killed in flight failed and was run again, the logged one was logged once."""
     trials = 16
     path, run, env = _experiment(tiny_zoo, tmp_path, trials)
-    env["EVOMERGE_TEST_KILL"] = moment
     cmd = [sys.executable, "-m", "tests.reliability.killer", "run", str(path), "--out", str(run), "--quiet"]
-    proc = subprocess.run(cmd, env=env, start_new_session=True, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    number = int(moment.split(":")[1])
-    finished = {t.number: t for t in _finished(run, "killed")}
-    if moment.startswith("log"):
-        assert finished[number].state.name == "COMPLETE"  # told, never logged
-    else:
-        assert number not in finished  # killed in flight: left RUNNING
-    before = {n: t.value for n, t in finished.items() if t.state.name == "COMPLETE"}
+    first = subprocess.run(
+        cmd,
+        env={**env, "EVOMERGE_TEST_KILL": "merge:5"},
+        start_new_session=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    before = {t.number: t.value for t in _finished(run, "killed") if t.state.name == "COMPLETE"}
+    assert 5 not in before and len(before) >= 4  # killed in flight: left RUNNING
+    for moment in ("score:9", "log:13"):
+        res = _resume(run, env, killer=moment)
+        assert res.returncode == -signal.SIGKILL, (moment, res.stderr[-3000:])
+        finished = {t.number: t for t in _finished(run, "killed")}
+        number = int(moment.split(":")[1])
+        if moment.startswith("log"):
+            assert finished[number].state.name == "COMPLETE"  # told, never logged
+        else:
+            assert number not in finished
+        assert all(finished[n].value == v for n, v in before.items())
+        before = {n: t.value for n, t in finished.items() if t.state.name == "COMPLETE"}
     after = {t.number: t for t in _resume_and_check(run, env, trials, before)}
-    if not moment.startswith("log"):
+    for number in (5, 9):
         assert after[number].state.name == "FAIL"
         retry = next(t for t in after.values() if t.user_attrs.get("retry_of") == number)
         assert retry.state.name == "COMPLETE"
