@@ -3,7 +3,10 @@ file for the real CLI, and the environment its processes run in."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,13 +51,28 @@ def write_experiment(
     return path
 
 
-def cli_env(store: Path | None = None) -> dict[str, str]:
+def cli_env(store: Path | None = None, *, fresh: bool = False) -> dict[str, str]:
     """The environment of an evomerge process started by a test (Ray without auth, the
-    repository importable, MLflow tracking into ``store`` when given)."""
+    repository importable, MLflow tracking into ``store`` when given). A new ``store`` is
+    a copy of an empty store MLflow created once in this session (its schema migrations
+    cost seconds per store); ``fresh`` leaves it for the process to create."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     if store is not None:
+        if not fresh and not store.exists():
+            shutil.copyfile(_empty_store(), store)
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
     return env
+
+
+@functools.cache
+def _empty_store() -> Path:
+    """An MLflow SQLite store as MLflow creates it (tables migrated, the default experiment)."""
+    from mlflow.tracking import MlflowClient
+
+    path = Path(tempfile.mkdtemp(prefix="evomerge-empty-store-")) / "mlflow.db"
+    atexit.register(shutil.rmtree, path.parent, True)
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_experiments_on_one_store_at_once(tiny_zoo, tmp_path):
-    env = cli_env(tmp_path / "shared.db")
+    env = cli_env(tmp_path / "shared.db", fresh=True)  # two processes create it at once
     store = env["MLFLOW_TRACKING_URI"]
     procs = {}
     for name, method in (("left", "task_arithmetic"), ("right", "linear")):
