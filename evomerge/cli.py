@@ -110,6 +110,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_eval)
 
 
+def _workers_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number of workers (1 or more) or auto")
+    return n
+
+
 def _run(args: argparse.Namespace) -> int:
     from evomerge.experiments.config import load_config
     from evomerge.experiments.run import RunOptions, run_experiment
@@ -164,7 +176,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="experiment config YAML")
     p.add_argument("--out", help="run directory (default: runs/<name>)")
     p.add_argument("--trials", type=int, help="override search.trials")
-    p.add_argument("--workers", type=int, help="override workers")
+    p.add_argument("--workers", type=_workers_arg, help="override workers (a number, or auto)")
     p.add_argument("--sampler", choices=["cmaes", "tpe", "nsgaii", "random"], help="override search.sampler")
     p.add_argument("--seed", type=int, help="override search.seed")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (default: RAY_ADDRESS or local)")

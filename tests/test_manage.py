@@ -56,13 +56,24 @@ def test_export_reproduces_the_recorded_fitness_and_registers_the_model(finished
 
 
 def test_export_of_another_trial_measures_its_test_fitness(finished_run, tmp_path):
+    """Also: the run records the dtype its workers merged in (bfloat16 on GPUs), and an
+    export made elsewhere (here a machine without GPUs) merges in that dtype."""
+    import optuna
+    from safetensors import safe_open
+
     from evomerge.experiments.config import load_config
     from evomerge.fitness.scoring import evaluate_model_dir
 
     summary = json.loads((finished_run / "summary.json").read_text())
     other = next(n for n in range(6) if n != summary["best_trial"])
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{finished_run / 'study.db'}")
+    assert study.user_attrs["dtype"] == "float32"  # this CPU search's
+    study.set_user_attr("dtype", "bfloat16")  # as a search on GPU workers records it
     out = tmp_path / "other"
     assert main(["export", str(finished_run), str(out), "--trial", str(other), "--no-register"]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert "dtype: bfloat16" in (out / "mergekit_config.yml").read_text()
     record = json.loads((out / "evomerge.json").read_text())
     measured = evaluate_model_dir(out, load_config(finished_run / "config.yaml"), split="test")
     assert record["trial"] == other and record["test_fitness"] == measured.fitness
@@ -227,3 +238,4 @@ def test_a_search_over_hub_ids_exports_ids_and_commits(tiny_zoo, tmp_path, monke
     capsys.readouterr()
     assert main(["lineage", str(out)]) == 0
     assert f"zoo/cp@{commit}" in capsys.readouterr().out
+

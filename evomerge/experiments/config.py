@@ -104,9 +104,13 @@ class ExperimentConfig(BaseModel):
     fitness: FitnessConfig
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    workers: int = Field(1, ge=1)
+    # how many workers run at once; auto: as many as the nodes' GPUs hold (one per
+    # gpus_per_worker), on CPUs one per node (evomerge.search.placement)
+    workers: int | Literal["auto"] = Field(1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads_per_worker: int | None = Field(None, ge=1)
+    # GPUs of one node each worker holds: the resident model's layers split over them
+    gpus_per_worker: int = Field(1, ge=1)
     # where each worker keeps its sources: on its device, streamed from host memory, or
     # auto (resident when that fits device_memory_gib); see evomerge.search.memory
     placement: Literal["auto", "resident", "streamed"] = "auto"
@@ -122,6 +126,13 @@ class ExperimentConfig(BaseModel):
     def _name(cls, value: str) -> str:
         if not value or any(c in value for c in "/\\") or value.startswith("."):
             raise ValueError(f"name '{value}' must be a plain name (no slashes)")
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"workers: {value}; a number of workers is at least 1, or auto")
         return value
 
     @model_validator(mode="after")

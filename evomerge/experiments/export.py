@@ -52,6 +52,7 @@ def export_trial(
     from evomerge.operators.engine import run_merge, tensor_seed
     from evomerge.operators.recipe import Recipe
     from evomerge.search.loop import origin_of, trial_seed
+    from evomerge.search.placement import Placement
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     run = RunDir(path)
@@ -71,7 +72,10 @@ def export_trial(
         from evomerge.experiments.tracking import tracking_uri as resolve_uri
 
         open_client(resolve_uri(tracking_uri))
-    prep = prepare(cfg, log=lambda _: None)
+    # the dtype the search scored in (recorded by the run), wherever this export runs;
+    # the export merges alone, so no workers are placed
+    dtype = study.user_attrs.get("dtype")
+    prep = prepare(cfg, log=lambda _: None, placed=Placement(False, 1, None), dtype=dtype)
     named = recipe_with_paths(prep.space.recipe(frozen.params).to_dict(), prep.paths)
     recipe = Recipe.from_dict(named, f"trial {number}")
     used = set(recipe.referenced_models())

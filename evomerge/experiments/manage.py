@@ -73,9 +73,10 @@ def _stacks(cfg: ExperimentConfig, points: list[dict[str, Any]]) -> list[str] | 
     if cfg.layers is None or not points:
         return None
     from evomerge.experiments.run import prepare
+    from evomerge.search.placement import Placement
     from evomerge.search.stack import StackSpace, runs_of
 
-    space = prepare(cfg, log=lambda _: None).space
+    space = prepare(cfg, log=lambda _: None, placed=Placement(False, 1, None)).space  # no workers placed
     assert isinstance(space, StackSpace)
     return [
         " | ".join(

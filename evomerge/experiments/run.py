@@ -14,9 +14,18 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.experiments.config import ExperimentConfig
-from evomerge.experiments.rundir import RunDir, RunLog, check_sqlite, holds_study, write_atomic, write_json
+from evomerge.experiments.rundir import (
+    RunDir,
+    RunLog,
+    check_sqlite,
+    holds_study,
+    study_attr,
+    write_atomic,
+    write_json,
+)
 from evomerge.search.loop import Budget, SearchLoop, SearchStats, TrialRecord, record_from_trial, trial_seed
 from evomerge.search.memory import MemoryPlan, default_budget_gib, footprint, plan_memory
+from evomerge.search.placement import Node, Placement, cluster_nodes, local_nodes, place
 from evomerge.search.space import SearchSpace, Space
 from evomerge.search.stack import RESIDUAL, StackSpace
 from evomerge.search.worker import Job, JobResult, WorkerSpec
@@ -43,12 +52,30 @@ class Prepared:
     memory: MemoryPlan | None = None  # None for layer-stack searches (their sources are the models)
 
 
-def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Prepared:
-    """Build the zoo when needed, resolve the sources and derive the search space."""
-    import torch
-
+def prepare(
+    cfg: ExperimentConfig,
+    workers: int | None = None,
+    log=print,
+    *,
+    nodes: list[Node] | None = None,
+    where: str = "this machine",
+    placed: Placement | None = None,
+    dtype: str | None = None,
+) -> Prepared:
+    """Build the zoo when needed, resolve the sources and derive the search space; place
+    the workers on ``nodes`` (this machine's resources by default; ``where`` names them in
+    errors) unless ``placed`` says where. ``dtype``: the search dtype a run recorded (a
+    resume's or an export's), else bfloat16 on GPUs unless the config names one."""
     from evomerge.operators.checkpoint import open_checkpoint
 
+    placed = placed or place(
+        local_nodes() if nodes is None else nodes,
+        device=cfg.device,
+        workers=workers or cfg.workers,
+        threads=cfg.threads_per_worker,
+        gpus_per_worker=cfg.gpus_per_worker,
+        where=where,
+    )
     if cfg.uses_zoo():
         from evomerge.fitness.presets import ensure_preset
 
@@ -59,10 +86,11 @@ def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Pre
             ensure_preset(cfg.zoo_preset, zoo, log=log)
     refs = list(dict.fromkeys([*([cfg.base_model] if cfg.base_model else []), *cfg.models]))
     paths = {ref: str(cfg.resolve_model(ref)) for ref in refs}
-    gpus = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    gpus = placed.gpus
     # a GPU search merges and scores in bfloat16 unless the config names a dtype; the
     # recipes carry it, so the export is what was scored
-    dtype = cfg.merge.dtype if "dtype" in cfg.merge.model_fields_set or not gpus else "bfloat16"
+    if dtype is None:
+        dtype = cfg.merge.dtype if "dtype" in cfg.merge.model_fields_set or not gpus else "bfloat16"
     space: SearchSpace | StackSpace
     if cfg.layers is not None:
         space = _stack_space(cfg, paths)
@@ -71,10 +99,6 @@ def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Pre
         n_layers = first.num_layers or 1
         first.close()
         space = SearchSpace(cfg.merge.model_copy(update={"dtype": dtype}), cfg.models, cfg.base_model, n_layers)
-    n = workers or cfg.workers
-    if gpus:
-        n = min(n, max(1, torch.cuda.device_count()))
-    threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // n)
     device = "cuda" if gpus else "cpu"
     spec = WorkerSpec(
         sources=paths,
@@ -85,16 +109,18 @@ def prepare(cfg: ExperimentConfig, workers: int | None = None, log=print) -> Pre
         seed=cfg.search.seed,
         device=device,
         dtype=dtype,
-        threads=None if gpus else threads,
+        threads=placed.threads,
+        gpus_per_worker=placed.gpus_per_worker,
         stack=cfg.layers is not None,
     )
-    return Prepared(cfg, paths, space, spec, gpus, n)
+    return Prepared(cfg, paths, space, spec, gpus, placed.workers)
 
 
-def with_memory_plan(prep: Prepared) -> Prepared:
+def with_memory_plan(prep: Prepared, *, on_cluster: bool = False) -> Prepared:
     """``prep`` with its workers' memory plan (a weight search's; a layer-stack search
     keeps its sources as models): refused here, before anything starts, when even
-    streamed sources would not fit the budget."""
+    streamed sources would not fit the budget. On a cluster the budget is the config's
+    (this process does not see the workers' memory)."""
     cfg, spec = prep.cfg, prep.spec
     if cfg.layers is not None:
         return prep
@@ -110,8 +136,10 @@ def with_memory_plan(prep: Prepared) -> Prepared:
         # one is named by the workers that load it; the config's placement stands unplanned
         placement = "resident" if cfg.placement == "auto" else cfg.placement
         return replace(prep, spec=replace(spec, placement=placement))
-    budget = cfg.device_memory_gib or default_budget_gib(spec.device, 1 if prep.gpus else prep.workers)
-    memory = plan_memory(fp, cfg.placement, spec.device, budget)
+    budget = cfg.device_memory_gib
+    if budget is None and not on_cluster:
+        budget = default_budget_gib(spec.device, 1 if prep.gpus else prep.workers)
+    memory = plan_memory(fp, cfg.placement, spec.device, budget, gpus=spec.gpus_per_worker)
     return replace(prep, memory=memory, spec=replace(spec, placement=memory.placement, read_ahead=memory.read_ahead))
 
 
@@ -188,18 +216,35 @@ def open_study(cfg: ExperimentConfig, run: RunDir, prep: Prepared):
     )
     if not study.trials:
         study.enqueue_trial(prep.space.default_params())  # CMA-ES starts from a sensible point
+    if "dtype" not in study.user_attrs:  # what a resume and an export merge in, wherever they run
+        study.set_user_attr("dtype", prep.spec.dtype)
     return study
 
 
-def _check_local_device(prep: Prepared, options: RunOptions) -> None:
-    """``device: cuda`` on a machine without CUDA, when this machine runs the workers (a
-    local Ray or in-process): refused before the run directory is touched. On a cluster
-    the dispatcher asks the cluster instead."""
-    import torch
+def _cluster_address(options: RunOptions) -> str | None:
+    """The Ray cluster the workers run on, when not this machine."""
+    if options.in_process:
+        return None
+    return options.ray_address or os.environ.get("RAY_ADDRESS") or None
 
-    on_cluster = not options.in_process and (options.ray_address or os.environ.get("RAY_ADDRESS"))
-    if prep.cfg.device == "cuda" and not on_cluster and not torch.cuda.is_available():
-        raise EvomergeError("device: cuda, but this machine has no CUDA device (and no --ray-address was given)")
+
+def worker_nodes(options: RunOptions) -> tuple[list[Node] | None, str]:
+    """The machines the workers will run on, and their name for errors: a cluster's alive
+    nodes (joined here), else this machine (None: :func:`prepare` reads it)."""
+    address = _cluster_address(options)
+    if address is None:
+        return None, "this machine (no --ray-address was given)"
+    import ray
+
+    from evomerge.search.ray_pool import init_ray
+
+    init_ray(address, None, env_vars=_worker_env())
+    return cluster_nodes(ray.nodes()), f"the Ray cluster at {address}"
+
+
+def _worker_env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[2])
+    return {"PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)}
 
 
 def make_dispatcher(prep: Prepared, options: RunOptions):
@@ -209,14 +254,13 @@ def make_dispatcher(prep: Prepared, options: RunOptions):
         return InProcessDispatcher(prep.spec)
     from evomerge.search.ray_pool import RayDispatcher, init_ray
 
-    root = str(Path(__file__).resolve().parents[2])
-    env = {"PYTHONPATH": os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)}
     cpus = None if options.ray_address else max(os.cpu_count() or 1, prep.workers * (prep.spec.threads or 1))
-    init_ray(options.ray_address, cpus, env_vars=env)
+    init_ray(options.ray_address, cpus, env_vars=_worker_env())
     return RayDispatcher(
         prep.spec,
         prep.workers,
         gpus=prep.gpus,
+        gpus_per_worker=prep.spec.gpus_per_worker,
         job_timeout=prep.cfg.search.trial_timeout_s,
         start_timeout=prep.cfg.worker_start_timeout_s,
     )
@@ -384,9 +428,11 @@ def run_experiment(
     options = options or RunOptions()
     log = (lambda _msg: None) if options.quiet else print
     run = RunDir(out)
-    prep = prepare(cfg, options.workers, log=log)
-    _check_local_device(prep, options)
-    prep = with_memory_plan(prep)
+    nodes, where = worker_nodes(options)
+    # a resumed search keeps the dtype it started in, even on other hardware
+    dtype = study_attr(run.study_db, cfg.name, "dtype") if resume else None
+    prep = prepare(cfg, options.workers, log=log, nodes=nodes, where=where, dtype=dtype)
+    prep = with_memory_plan(prep, on_cluster=nodes is not None)
     if options.track:  # a bad tracking store is refused before the run directory is touched
         from evomerge.experiments.tracking import open_client, tracking_uri
 

@@ -177,6 +177,27 @@ def holds_study(path: Path, name: str) -> bool:
         con.close()
 
 
+def study_attr(path: Path, name: str, key: str) -> Any:
+    """A user attribute of the Optuna study ``name`` in the SQLite file at ``path``, read
+    without Optuna and without writing; None when the file, the study or the key is not there."""
+    import sqlite3
+
+    if not path.is_file():
+        return None
+    con = _open_existing(path)
+    try:
+        row = con.execute(
+            "SELECT a.value_json FROM study_user_attributes a JOIN studies s ON a.study_id = s.study_id "
+            "WHERE s.study_name = ? AND a.key = ?",
+            (name, key),
+        ).fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        con.close()
+    return None if row is None else json.loads(row[0])
+
+
 def cannot_write(path: Path, err: OSError) -> EvomergeError:
     """An OSError while writing (a read-only or full disk, no permission) as one line naming the file."""
     return EvomergeError(f"{path}: cannot write ({err.strerror or err})")

@@ -15,6 +15,10 @@ The arithmetic, per worker (bytes in the search dtype, from the safetensors head
   logits (the native scorer's head runs at answer positions only);
 * resident: device = model + sources + temporaries + activations; host = 0;
 * streamed: device = model + read-ahead + temporaries + activations; host = sources.
+* a worker on ``k`` GPUs (``gpus_per_worker``) holds the resident model and its
+  resident sources split by layers: each GPU ``(model + sources) / k`` plus one
+  largest tensor of each (the embeddings, which a layer split cannot divide), and the
+  temporaries and activations whole (the merge and the forward pass go GPU by GPU).
 
 On the CPU the device is host memory: both placements need the same, which the
 budget must hold (``auto`` keeps the sources resident there).
@@ -66,11 +70,16 @@ class Footprint:
         # at least one tensor's inputs; never more than all of them
         return min(self.sources, max(READ_AHEAD_BYTES, self.inputs * self.largest * self.itemsize))
 
-    def device_bytes(self, placement: str, device: str = "cuda") -> int:
-        """On the CPU nothing is copied ahead: the merge reads streamed sources in place."""
+    def device_bytes(self, placement: str, device: str = "cuda", gpus: int = 1) -> int:
+        """Per device (each of a worker's ``gpus``). On the CPU nothing is copied ahead: the
+        merge reads streamed sources in place."""
         ahead = 0 if not device.startswith("cuda") else self.read_ahead
         held = self.sources if placement == "resident" else ahead
-        return self.model + held + self.temporaries + self.activations
+        if gpus == 1:
+            return self.model + held + self.temporaries + self.activations
+        models = 1 + (self.inputs if placement == "resident" else 0)
+        split = (self.model + (held if placement == "resident" else 0)) // gpus + models * self.largest * self.itemsize
+        return split + (0 if placement == "resident" else held) + self.temporaries + self.activations
 
     def host_bytes(self, placement: str) -> int:
         return 0 if placement == "resident" else self.sources
@@ -86,6 +95,11 @@ class MemoryPlan:
     host_gib: float
     budget_gib: float | None  # None: not known where the plan was made (a cluster's GPUs)
     read_ahead: int
+    gpus: int = 1  # devices of one worker (its layers split over them); the figures are per device
+
+    @property
+    def per(self) -> str:
+        return "per worker" if self.gpus == 1 else f"per GPU ({self.gpus} a worker)"
 
     def summary(self) -> dict[str, object]:
         return {
@@ -94,11 +108,12 @@ class MemoryPlan:
             "device_gib": round(self.device_gib, 3),
             "host_gib": round(self.host_gib, 3),
             "budget_gib": None if self.budget_gib is None else round(self.budget_gib, 3),
+            "gpus_per_worker": self.gpus,
         }
 
     def line(self) -> str:
         return (
-            f"memory: sources {self.placement} ({self.device}): {self.device_gib:.2f} GiB per worker on the device, "
+            f"memory: sources {self.placement} ({self.device}): {self.device_gib:.2f} GiB {self.per} on the device, "
             f"{self.host_gib:.2f} GiB in host memory, budget "
             + ("unknown here" if self.budget_gib is None else f"{self.budget_gib:.2f} GiB")
         )
@@ -159,15 +174,19 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def plan_memory(fp: Footprint, placement: Placement, device: str, budget_gib: float | None) -> MemoryPlan:
-    """The placement for ``fp`` within ``budget_gib`` per worker: ``auto`` is resident when
-    that fits (less the margin), else streamed; a plan that does not fit is refused.
-    Without a budget (GPUs the planning process cannot see) ``auto`` is resident."""
+def plan_memory(
+    fp: Footprint, placement: Placement, device: str, budget_gib: float | None, *, gpus: int = 1
+) -> MemoryPlan:
+    """The placement for ``fp`` within ``budget_gib`` per device (a worker holds ``gpus``):
+    ``auto`` is resident when that fits (less the margin), else streamed; a plan that does
+    not fit is refused. Without a budget (GPUs the planning process cannot see) ``auto``
+    is resident."""
     usable = float("inf") if budget_gib is None else budget_gib * (1 - MARGIN)
     # on the CPU the device is the host: streaming saves nothing there, the budget holds both
     on_host = not device.startswith("cuda")
     need = {
-        p: (fp.device_bytes(p, device) + (fp.host_bytes(p) if on_host else 0)) / GIB for p in ("resident", "streamed")
+        p: (fp.device_bytes(p, device, gpus) + (fp.host_bytes(p) if on_host else 0)) / GIB
+        for p in ("resident", "streamed")
     }
     if placement == "auto":
         chosen = "resident" if need["resident"] <= usable else "streamed"
@@ -176,7 +195,9 @@ def plan_memory(fp: Footprint, placement: Placement, device: str, budget_gib: fl
     if need[chosen] > usable:
         hint = "" if chosen == "streamed" or need["streamed"] > usable else " (placement: streamed fits)"
         raise EvomergeError(
-            f"device_memory_gib: a worker needs {need[chosen]:.2f} GiB on {device} with its sources {chosen} "
+            f"device_memory_gib: a worker needs {need[chosen]:.2f} GiB "
+            + ("" if gpus == 1 else f"on each of its {gpus} GPUs ")
+            + f"on {device} with its sources {chosen} "
             f"(model {fp.model / GIB:.2f}, sources {fp.sources / GIB:.2f}, merge temporaries "
             f"{fp.temporaries / GIB:.2f}, scoring {fp.activations / GIB:.2f} GiB); the budget is {budget_gib:.2f} GiB "
             f"less a {MARGIN:.0%} margin{hint}"
@@ -184,10 +205,11 @@ def plan_memory(fp: Footprint, placement: Placement, device: str, budget_gib: fl
     return MemoryPlan(
         placement=chosen,  # type: ignore[arg-type]
         device=device,
-        device_gib=fp.device_bytes(chosen, device) / GIB,
+        device_gib=fp.device_bytes(chosen, device, gpus) / GIB,
         host_gib=fp.host_bytes(chosen) / GIB,
         budget_gib=budget_gib,
         read_ahead=fp.read_ahead,
+        gpus=gpus,
     )
 
 

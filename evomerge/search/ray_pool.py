@@ -87,7 +87,7 @@ class _Running:
 
 
 class RayDispatcher:
-    """Jobs on a pool of ``workers`` actors (one GPU each when ``gpus``, else CPU threads)."""
+    """Jobs on a pool of ``workers`` actors (``gpus_per_worker`` GPUs each when ``gpus``, else CPU threads)."""
 
     def __init__(
         self,
@@ -96,6 +96,7 @@ class RayDispatcher:
         *,
         gpus: bool,
         job_timeout: float,
+        gpus_per_worker: int = 1,
         max_retries: int = 1,
         worker_cls: type = MergeWorker,
         queue_depth: int = 2,
@@ -114,11 +115,14 @@ class RayDispatcher:
         cpus = spec.threads or 1
         self.nodes: dict[int, str | None] = {}
         self.node_refs: dict[int, Any] = {}
-        need = {"GPU": 1.0} if gpus else {"CPU": float(cpus)}
+        need = {"GPU": float(gpus_per_worker)} if gpus else {"CPU": float(cpus)}
         _check_offered(ray.nodes(), need)
         # SPREAD: on a cluster the workers go to different nodes while there are nodes to spare
         self._actor_cls: Any = ray.remote(
-            num_cpus=0 if gpus else cpus, num_gpus=1 if gpus else 0, max_restarts=0, scheduling_strategy="SPREAD"
+            num_cpus=0 if gpus else cpus,
+            num_gpus=gpus_per_worker if gpus else 0,
+            max_restarts=0,
+            scheduling_strategy="SPREAD",
         )(worker_cls)
         self.actors: list[Any] = [self._start() for _ in range(workers)]
         self._await_ready(need, start_timeout)  # the search clock starts with the pool ready
@@ -287,7 +291,11 @@ def _check_offered(nodes: list[dict[str, Any]], need: dict[str, float]) -> None:
     if any(all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items()) for n in alive):
         return
     if "GPU" in need:
-        raise EvomergeError(f"device: cuda, but none of the Ray cluster's {len(alive)} node(s) has a GPU")
+        most = max((n.get("Resources", {}).get("GPU", 0.0) for n in alive), default=0.0)
+        raise EvomergeError(
+            f"gpus_per_worker: a worker needs {need['GPU']:g} GPU(s), but none of the Ray cluster's "
+            f"{len(alive)} node(s) has more than {most:g}"
+        )
     most = max((n.get("Resources", {}).get("CPU", 0.0) for n in alive), default=0.0)
     raise EvomergeError(
         f"threads_per_worker: a worker needs {need['CPU']:g} CPUs, but the largest of the Ray cluster's "

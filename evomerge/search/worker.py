@@ -26,6 +26,7 @@ from evomerge.operators.checkpoint import Checkpoint, TensorInfo, open_checkpoin
 from evomerge.operators.engine import load_inputs, merge_planned, tensor_seed
 from evomerge.operators.plan import build_plan
 from evomerge.operators.recipe import Recipe
+from evomerge.search.split import split_by_layers, worker_devices
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class WorkerSpec:
     threads: int | None = None
     placement: str = "resident"  # or "streamed": the sources in host memory (evomerge.search.memory)
     read_ahead: int = 256 << 20  # streamed: bytes copied ahead of the merge at most
+    gpus_per_worker: int = 1  # devices the resident model is split over by layers (evomerge.search.split)
     stack: bool = False  # candidates are layer stacks (passthrough slices), evaluated without merging weights
     # started with the worker, stopped by ``stop``: an object whose ``start()`` returns a stop
     # function (the experiment's system-metrics logging); the worker knows nothing more of it
@@ -82,14 +84,22 @@ class JobResult:
         return self.error is None
 
 
-def resident_checkpoint(path: Path, device: torch.device, dtype: torch.dtype, *, pin: bool = False) -> Checkpoint:
+def resident_checkpoint(
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    pin: bool = False,
+    where: dict[str, torch.device] | None = None,
+) -> Checkpoint:
     """Every tensor of a model directory, loaded once onto ``device`` (host memory pinned
-    for asynchronous copies to a GPU when ``pin``)."""
+    for asynchronous copies to a GPU when ``pin``), or onto ``where[name]`` when named there."""
     ck = open_checkpoint(path)
     state = {}
     for name, _info in ck.tensors.items():
         t = ck.get(name)
-        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        at = (where or {}).get(name, device)
+        t = t.to(device=at, dtype=dtype if t.is_floating_point() else t.dtype)
         state[name] = t.pin_memory() if pin else t
     ck.close()
     infos = {k: TensorInfo(k, path, v.dtype, tuple(v.shape)) for k, v in state.items()}
@@ -197,11 +207,21 @@ class MergeWorker:
             self.model, self.tokenizer = self.stacks.shell, self.stacks.tokenizer
         else:
             streamed = spec.placement == "streamed"
-            held = torch.device("cpu") if streamed else self.device
-            pin = streamed and self.device.type == "cuda"
-            self.sources = {ref: resident_checkpoint(Path(p), held, dtype, pin=pin) for ref, p in spec.sources.items()}
-            self.model, self.tokenizer = load_model(Path(spec.sources[spec.model_ref]), self.device, dtype)
+            self.devices = worker_devices(self.device, spec.gpus_per_worker)
+            split = len(self.devices) > 1
+            self.model, self.tokenizer = load_model(
+                Path(spec.sources[spec.model_ref]), torch.device("cpu") if split else self.device, dtype
+            )
+            if split:
+                split_by_layers(self.model, self.devices)
             self.params = self.model.state_dict()
+            held = torch.device("cpu") if streamed else self.device
+            # resident sources sit beside the tensors they merge into (a split model's devices)
+            where = None if streamed or not split else {k: v.device for k, v in self.params.items()}
+            pin = streamed and self.device.type == "cuda"
+            self.sources = {
+                ref: resident_checkpoint(Path(p), held, dtype, pin=pin, where=where) for ref, p in spec.sources.items()
+            }
             # the resident model's own tokenizer: the one ready() encodes the samples with
             self._tokenizers = {spec.model_ref: self.tokenizer}
         fitness = FitnessConfig.model_validate(spec.fitness)
@@ -239,15 +259,15 @@ class MergeWorker:
             raise EvomergeError(f"merged tensor '{unknown}' is not a parameter of the resident model")
         self.copied_bytes = 0
         for pt, inputs in self._stream(plan.tensors):
-            out = merge_planned(pt, plan, inputs, self.device, seed)
-            self.params[pt.name].copy_(out)
+            target = self.params[pt.name]
+            target.copy_(merge_planned(pt, plan, inputs, target.device, seed))
 
     def _stream(self, tensors: list) -> Iterator[tuple[Any, Any]]:
         """Each planned tensor with its inputs on the merge device. Resident sources are
         used in place. Streamed ones are copied from pinned host memory on a side CUDA
         stream, up to ``read_ahead`` bytes ahead of the merge, which waits for each
         tensor's copy (an event) before using it; on the CPU there is nothing to copy."""
-        if self.spec.placement != "streamed" or self.device.type != "cuda":
+        if self.spec.placement != "streamed" or self.device.type != "cuda" or len(self.devices) > 1:
             for pt in tensors:
                 yield pt, self._inputs(pt)
             return
@@ -276,14 +296,15 @@ class MergeWorker:
         """A planned tensor's inputs on the merge device; a vocabulary tensor's, aligned to
         the output vocabulary once and kept where the sources are (every candidate aligns
         them alike), then moved like the others."""
+        device = self.params[pt.name].device  # the merge device (one of a split model's)
         if pt.vocab is None:
-            return load_inputs(pt, self.sources, self.device, check_finite=False)
+            return load_inputs(pt, self.sources, device, check_finite=False)
         key = (pt.name, tuple(pt.sources), pt.base, id(pt.vocab))
         if key not in self._aligned:
-            where = torch.device("cpu") if self.spec.placement == "streamed" else self.device
+            where = torch.device("cpu") if self.spec.placement == "streamed" else device
             self._aligned[key] = load_inputs(pt, self.sources, where, check_finite=False)
         tensors, base = self._aligned[key]
-        move = lambda t: t.to(self.device, non_blocking=t.is_pinned())  # noqa: E731
+        move = lambda t: t.to(device, non_blocking=t.is_pinned())  # noqa: E731
         return [move(t) for t in tensors], (move(base) if base is not None else None)
 
     def _fit_vocabulary(self, plan) -> None:
@@ -297,6 +318,8 @@ class MergeWorker:
         rows = next((pt.shape[0] for pt in plan.tensors if pt.name == name), embed.shape[0])
         if rows != embed.shape[0]:
             self.model.resize_token_embeddings(rows, mean_resizing=False)
+            if len(self.devices) > 1:  # the new embedding and head modules: placed and hooked again
+                split_by_layers(self.model, self.devices)
             self.params = self.model.state_dict()
         vocab = plan.vocab
         if vocab is not None and vocab.source == "union" and hasattr(vocab.tokenizer, "apply_chat_template"):

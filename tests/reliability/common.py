@@ -32,7 +32,7 @@ def write_experiment(
     merge: dict[str, Any],
     search: dict[str, Any],
     samples: int,
-    workers: int = 1,
+    workers: int | str = 1,
 ) -> Path:
     """A CPU experiment (one worker unless told) merging the tiny zoo's specialists, as a YAML file."""
     cfg: dict[str, Any] = {
