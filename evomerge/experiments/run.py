@@ -233,7 +233,7 @@ def worker_nodes(options: RunOptions) -> tuple[list[Node] | None, str]:
     nodes (joined here), else this machine (None: :func:`prepare` reads it)."""
     address = _cluster_address(options)
     if address is None:
-        return None, "this machine (no --ray-address was given)"
+        return None, "this machine"
     import ray
 
     from evomerge.search.ray_pool import init_ray

@@ -46,6 +46,21 @@ def _no_trial_left_running(run: Path) -> None:
         assert not [t for t in study.trials if t.state.name == "RUNNING"]
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"device": "cuda"}, "device: cuda, but this machine has no GPU"),
+        ({"gpus_per_worker": 2}, "gpus_per_worker: 2, but the workers run on CPUs (this machine has no GPU)"),
+        ({"workers": 0}, "workers: 0; a number of workers is at least 1, or auto"),
+    ],
+)
+def test_workers_this_machine_cannot_hold_are_one_line_and_write_nothing(tiny_zoo, tmp_path, extra, message):
+    path = _config(tiny_zoo, tmp_path, **extra)
+    err = one_line_error(run_cli("run", str(path), "--out", str(tmp_path / "run"), env=_env(tmp_path)))
+    assert message in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture
 def ray_head():
     """A Ray cluster of its own (one node, 1 CPU, no GPU) started with `ray start`; torn down after."""
@@ -88,14 +103,15 @@ def test_cuda_on_a_machine_without_it_is_refused_before_the_run_directory(tiny_z
 
 
 def test_a_cluster_without_the_resources_is_one_line_never_a_wait(tiny_zoo, tmp_path, ray_head):
-    """On a real cluster (`ray start`, one node of 1 CPU, no GPU): `device: cuda` and a worker
-    wider than any node are refused before any actor waits; workers that could run but find
-    no free node stop at the start timeout (the second of two 1-CPU workers here)."""
+    """On a real cluster (`ray start`, one node of 1 CPU, no GPU): `device: cuda` (before the
+    run directory is written) and a worker wider than any node are refused before any actor
+    waits; workers that could run but find no free node stop at the start timeout (the
+    second of two 1-CPU workers here)."""
     env = _env(tmp_path)
     cuda = _config(tiny_zoo, tmp_path, device="cuda")
     err = one_line_error(run_cli("run", str(cuda), "--out", str(tmp_path / "a"), "--ray-address", ray_head, env=env))
     assert "device: cuda, but the Ray cluster at " in err and err.endswith("has no GPU")
-    _no_trial_left_running(tmp_path / "a")
+    assert not (tmp_path / "a").exists()  # placed from the cluster's nodes before anything is written
     wide = _config(tiny_zoo, tmp_path, threads_per_worker=4)
     err = one_line_error(run_cli("run", str(wide), "--out", str(tmp_path / "b"), "--ray-address", ray_head, env=env))
     assert "a worker needs 4 CPUs, but the largest of the Ray cluster's 1 node(s) has 1" in err
