@@ -1,5 +1,7 @@
 """README's "Scale" table: what each memory placement needs per worker, from the plan's
 own arithmetic (``evomerge.search.memory``) on Llama-shaped configs; no weights, no GPU.
+A cell is the plan on one worker of that GPU size: the fewest GPUs a worker needs
+(``gpus_per_worker``, the model split by layers), resident sources before streamed.
 
 Seconds per candidate are estimates, not measurements: the merge reads every input
 once and writes the model (at ``HBM`` bytes/s on the GPU); streamed sources cross
@@ -42,6 +44,17 @@ MODELS = {
     ),
 }
 GPUS = (24, 48, 80)
+SPLITS = (1, 2, 4, 8)  # gpus_per_worker tried, fewest first
+
+
+def fit(fp, gib: float) -> str:
+    """The plan on GPUs of ``gib`` GB: the fewest GPUs per worker, resident before streamed."""
+    usable = gib * 1e9 / GIB * (1 - MARGIN)
+    for k in SPLITS:
+        for placement in ("resident", "streamed"):
+            if fp.device_bytes(placement, "cuda", k) / GIB <= usable:
+                return placement if k == 1 else f"{placement}, {k} GPUs"
+    return "no"
 
 
 def main() -> None:
@@ -55,10 +68,7 @@ def main() -> None:
         for sources in (2, 4):
             fp = llama_footprint(config, sources, 2)
             resident, streamed = fp.device_bytes("resident") / GIB, fp.device_bytes("streamed") / GIB
-            fits = []
-            for g in GPUS:
-                usable = g * 1e9 / GIB * (1 - MARGIN)
-                fits.append("resident" if resident <= usable else "streamed" if streamed <= usable else "no")
+            fits = [fit(fp, g) for g in GPUS]
             merge = (fp.sources + fp.model) / HBM
             print(
                 f"| {name} | {sources} | {resident:.1f} | {streamed:.1f} | {fp.sources / GIB:.1f} | "

@@ -94,14 +94,6 @@ def test_a_worker_that_cannot_load_its_sources_is_one_line(tiny_zoo, tmp_path):
     _no_trial_left_running(run)
 
 
-def test_cuda_on_a_machine_without_it_is_refused_before_the_run_directory(tiny_zoo, tmp_path):
-    run = tmp_path / "run"
-    res = run_cli("run", str(_config(tiny_zoo, tmp_path, device="cuda")), "--out", str(run), "--quiet",
-                  env=_env(tmp_path))  # fmt: skip
-    assert "no CUDA device" in one_line_error(res)
-    assert not run.exists()
-
-
 def test_a_cluster_without_the_resources_is_one_line_never_a_wait(tiny_zoo, tmp_path, ray_head):
     """On a real cluster (`ray start`, one node of 1 CPU, no GPU): `device: cuda` (before the
     run directory is written) and a worker wider than any node are refused before any actor
