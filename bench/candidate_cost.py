@@ -10,7 +10,7 @@ a fresh process per placement (``resident``, ``streamed``):
 * host-to-device bytes per candidate (none on the CPU: the device is host memory);
 * the process's peak memory above its start against the memory plan's estimate.
 
-    python bench/candidate_cost.py [--repeats 3] [--threads 2] [--skip-large] [--zoo DIR]
+    python bench/candidate_cost.py [--repeats 3] [--threads 2] [--skip-large] [--zoo DIR] [--device cuda]
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_large(root: Path, tokenizer_from: Path) -> list[str]:
-    """The ~1B Llama and two fine-tunes (a worker loads a tokenizer with its model: the
-    demo zoo's is copied in; nothing here is scored)."""
+def make_large(root: Path, tokenizer_from: Path, shape: dict | None = None) -> list[str]:
+    """The ~1B Llama (or ``shape``) and two fine-tunes, with the demo zoo's tokenizer
+    copied in (a worker loads one with its model)."""
     import shutil
 
     import torch
@@ -60,7 +60,7 @@ def make_large(root: Path, tokenizer_from: Path) -> list[str]:
     from evomerge.testing import make_family
 
     if not (root / "ft2" / "config.json").exists():
-        make_family(root, 2, seed=0, dtype=torch.bfloat16, **LARGE)
+        make_family(root, 2, seed=0, dtype=torch.bfloat16, **(shape or LARGE))
     names = ("base", "ft1", "ft2")
     for f in tokenizer_from.glob("*token*"):
         for n in names:
@@ -68,7 +68,9 @@ def make_large(root: Path, tokenizer_from: Path) -> list[str]:
     return [str(root / n) for n in names]
 
 
-def one(paths: list[str], placement: str, dtype: str, repeats: int, threads: int, methods: list[str]) -> dict:
+def one(
+    paths: list[str], placement: str, dtype: str, repeats: int, threads: int, methods: list[str], device: str = "cpu"
+) -> dict:
     """In this process: a worker over ``paths`` (base first), each method's merges timed."""
     import torch
 
@@ -81,7 +83,7 @@ def one(paths: list[str], placement: str, dtype: str, repeats: int, threads: int
     torch.set_num_threads(threads)
     start_rss = _rss_mib()
     fp = footprint(paths, DTYPES[dtype].itemsize)
-    plan = plan_memory(fp, placement, "cpu", 1e6)  # the estimate, whatever the machine's budget
+    plan = plan_memory(fp, placement, device, 1e6)  # the estimate, whatever the machine's budget
     spec = WorkerSpec(
         sources={p: p for p in paths},
         model_ref=paths[0],
@@ -89,6 +91,7 @@ def one(paths: list[str], placement: str, dtype: str, repeats: int, threads: int
         zoo_root=None,
         base_dir=str(ROOT),
         seed=0,
+        device=device,
         dtype=dtype,
         threads=threads,
         placement=placement,
@@ -110,6 +113,7 @@ def one(paths: list[str], placement: str, dtype: str, repeats: int, threads: int
         for r in range(repeats + 1):  # the first warms the kernels and caches
             t = time.perf_counter()
             worker.merge(recipe, seed=r)
+            _sync(worker.device)
             if r:
                 merges.append(time.perf_counter() - t)
                 bytes_in.append(worker.copied_bytes)
@@ -123,6 +127,7 @@ def one(paths: list[str], placement: str, dtype: str, repeats: int, threads: int
                 for w, x in zip([0.5] * len(tensors), tensors):
                     acc.add_(x, alpha=w)
                 worker.params[pt.name].copy_(acc)
+            _sync(worker.device)
             adds.append(time.perf_counter() - t)
         merge_s, add_s = statistics.median(merges), statistics.median(adds)
         out["methods"][method] = {
@@ -132,9 +137,18 @@ def one(paths: list[str], placement: str, dtype: str, repeats: int, threads: int
             "h2d_bytes": int(statistics.median(bytes_in)),
         }
     out["peak_above_start_gib"] = round((_peak_mib() - start_rss) / 1024, 3)
+    if worker.device.type == "cuda":  # the device's own peak (tensors), comparable with the plan
+        out["peak_device_gib"] = round(torch.cuda.max_memory_allocated(worker.device) / GIB, 3)
     out["plan_gib"] = round(plan.device_gib + plan.host_gib, 3)
     out["plan_sources_and_model_gib"] = round((fp.sources + fp.model) / GIB, 3)
     return out
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -144,12 +158,13 @@ def main() -> None:
     ap.add_argument("--skip-large", action="store_true", help="the demo zoo only")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
     ap.add_argument("--zoo", type=Path, default=None, help="a demo zoo directory (default: the demo preset's)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--one", nargs=3, metavar=("PATHS", "PLACEMENT", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         paths, placement, dtype = args.one
         methods = args.methods.split(",")
-        print(json.dumps(one(paths.split(","), placement, dtype, args.repeats, args.threads, methods)))
+        print(json.dumps(one(paths.split(","), placement, dtype, args.repeats, args.threads, methods, args.device)))
         return
     from evomerge.fitness.presets import ensure_preset
     from evomerge.fitness.zoo import load_zoo
@@ -165,7 +180,7 @@ def main() -> None:
         for name, (paths, dtype) in cases.items():
             for placement in ("resident", "streamed"):
                 cmd = [sys.executable, __file__, "--repeats", str(args.repeats), "--threads", str(args.threads)]
-                cmd += ["--methods", args.methods]
+                cmd += ["--methods", args.methods, "--device", args.device]
                 cmd += ["--one", ",".join(paths), placement, dtype]
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode:

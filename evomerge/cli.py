@@ -162,6 +162,12 @@ def _print_summary(summary: dict, out: Path) -> None:
         + "; "
         f"workers busy {summary['worker_busy_fraction']:.0%}; {summary['wall_seconds']:.0f} s"
     )
+    memory = summary.get("memory") or {}
+    if memory.get("peak_gib") is not None:
+        print(
+            f"memory: a worker's peak {memory['peak_gib']:.2f} GiB on {memory['device']} "
+            f"(planned {memory['device_gib']:.2f} GiB, sources {memory['placement']})"
+        )
     print(f"results: {out / 'summary.json'}")
     print(f"best recipe (mergekit YAML): {summary['best_recipe']}")
     if "tracking_uri" in summary:

@@ -136,11 +136,46 @@ def with_memory_plan(prep: Prepared, *, on_cluster: bool = False) -> Prepared:
         # one is named by the workers that load it; the config's placement stands unplanned
         placement = "resident" if cfg.placement == "auto" else cfg.placement
         return replace(prep, spec=replace(spec, placement=placement))
+    shape = _scoring_batch(prep)
+    if shape is not None:
+        fp = fp.scoring(*shape)
     budget = cfg.device_memory_gib
     if budget is None and not on_cluster:
         budget = default_budget_gib(spec.device, 1 if prep.gpus else prep.workers)
     memory = plan_memory(fp, cfg.placement, spec.device, budget, gpus=spec.gpus_per_worker)
     return replace(prep, memory=memory, spec=replace(spec, placement=memory.placement, read_ahead=memory.read_ahead))
+
+
+def _scoring_batch(prep: Prepared) -> tuple[int, int, int] | None:
+    """The largest native scoring batch of the search (its samples encoded as the workers
+    encode them, on every split the workers score), for the memory plan; None when the
+    planner cannot tell (lm-eval, data it cannot read)."""
+    from evomerge.fitness.evaluate import Evaluator
+    from evomerge.fitness.scoring import load_tokenizer
+
+    spec = prep.spec
+    if prep.cfg.fitness.backend != "native":
+        return None
+    try:
+        tokenizer = load_tokenizer(Path(spec.sources[spec.model_ref]))
+    except (EvomergeError, OSError):
+        return None
+    shapes = []
+    for split in dict.fromkeys([prep.cfg.fitness.split, "validation", "test"]):
+        try:
+            evaluator = Evaluator(
+                prep.cfg.fitness,
+                zoo_root=Path(spec.zoo_root) if spec.zoo_root else None,
+                base_dir=Path(spec.base_dir),
+                seed=spec.seed,
+                split=split,
+            )
+            shape = evaluator.batch_shape(tokenizer)
+        except (EvomergeError, OSError):
+            continue  # a split this fitness does not have, or data the workers will name
+        if shape is not None:
+            shapes.append(shape)
+    return tuple(max(dim) for dim in zip(*shapes)) if shapes else None  # type: ignore[return-value]
 
 
 STACK_KEYS = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
@@ -348,7 +383,10 @@ def finalize(
         **_session_figures(run, stats, prep.workers),
     }
     if prep.memory is not None:
-        summary["memory"] = prep.memory.summary()
+        # beside the plan, the most a worker held on its device (the final scoring included)
+        peaks = [r.peak_gib for r in [*validation.values(), *scored.values()] if r.peak_gib is not None]
+        peak = max([*peaks, *([stats.peak_gib] if stats.peak_gib is not None else [])], default=None)
+        summary["memory"] = {**prep.memory.summary(), "peak_gib": None if peak is None else round(peak, 3)}
     if len(cfg.fitness.objectives) > 1:
         summary["pareto_front"] = [
             {"trial": t.number, "values": dict(zip(cfg.fitness.objectives, t.values))} for t in study.best_trials

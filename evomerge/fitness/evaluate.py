@@ -233,6 +233,18 @@ class Evaluator:
         order = self.order[name]
         return order[: max(1, round(len(order) * fraction))]
 
+    def batch_shape(self, tokenizer) -> tuple[int, int, int] | None:
+        """The largest native scoring batch: (items, tokens of the longest item, answer
+        tokens of the longest answer), each the most over the tasks; None for lm-eval."""
+        if self.backend != "native":
+            return None
+        shapes = []
+        for name in self.items:
+            enc = self._encode(name, tokenizer)
+            answers = int((enc.target >= 0).sum(dim=1).max()) if len(enc) else 0
+            shapes.append((min(self.cfg.batch_size, len(enc)), int(enc.ids.shape[1]), answers))
+        return tuple(max(dim) for dim in zip(*shapes)) if shapes else None  # type: ignore[return-value]
+
     def prepare(self, tokenizer) -> None:
         """Encode every task's samples now (otherwise the first evaluation does it)."""
         if self.backend == "native":

@@ -60,6 +60,7 @@ class SearchStats:
     wall_seconds: float = 0.0
     records: list[TrialRecord] = field(default_factory=list)
     busy_by_node: dict[str, float] = field(default_factory=dict)  # worker seconds per node, when known
+    peak_gib: float | None = None  # the most any worker reported holding on its device (JobResult.peak_gib)
     earlier: int = 0  # trials that earlier sessions evaluated (they count towards the budget)
 
     @property
@@ -194,6 +195,8 @@ class SearchLoop:
         flight.samples += result.samples
         self.stats.samples_scored += result.samples
         self.stats.busy_seconds += result.merge_seconds + result.score_seconds
+        if result.peak_gib is not None:
+            self.stats.peak_gib = max(self.stats.peak_gib or 0.0, result.peak_gib)
         if result.node is not None:
             busy = self.stats.busy_by_node
             busy[result.node] = busy.get(result.node, 0.0) + result.merge_seconds + result.score_seconds

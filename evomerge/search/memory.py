@@ -10,9 +10,12 @@ The arithmetic, per worker (bytes in the search dtype, from the safetensors head
 
 * merge temporaries: the largest tensor's inputs widened to float32, plus the float32
   result and its cast: ``(inputs + 2) * largest_numel * 4``;
-* scoring activations: ``ACTIVATION_TOKENS`` tokens through the widest layer (hidden
-  and MLP states, twice each, in the search dtype) and ``LOGIT_ROWS`` rows of float32
-  logits (the native scorer's head runs at answer positions only);
+* scoring: the native scorer's batch, ``rows`` items of ``width`` tokens (the longest
+  item of the fitness's samples, when the planner could encode them; else
+  ``SCORE_ROWS`` x ``SCORE_WIDTH``): one layer's working set (the hidden state twice,
+  the MLP's three intermediate states) for every token, the KV cache of every layer
+  for every token, and float32 logits at the answer positions only (``answers`` a
+  row, else ``SCORE_ANSWERS``), where the native scorer runs its output head;
 * resident: device = model + sources + temporaries + activations; host = 0;
 * streamed: device = model + read-ahead + temporaries + activations; host = sources.
 * a worker on ``k`` GPUs (``gpus_per_worker``) holds the resident model and its
@@ -30,7 +33,7 @@ is what is free when the plan is made, and a margin of ``MARGIN`` is kept.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -38,8 +41,7 @@ from evomerge.errors import EvomergeError
 
 GIB = 1 << 30
 READ_AHEAD_BYTES = 256 << 20  # what the streamed copy may run ahead of the merge (at least one tensor's inputs)
-ACTIVATION_TOKENS = 160 * 256  # the native scorer's batch (160 items) of 256 tokens
-LOGIT_ROWS = 160 * 16  # its output head runs at answer positions only: 16 a item
+SCORE_ROWS, SCORE_WIDTH, SCORE_ANSWERS = 160, 256, 16  # the scoring batch when its samples are not known
 MARGIN = 0.10  # of the budget, kept free
 
 Placement = Literal["auto", "resident", "streamed"]
@@ -53,9 +55,15 @@ class Footprint:
     sources: int  # every source's tensors
     largest: int  # elements of the largest tensor
     inputs: int  # inputs of one planned tensor (the sources merged into it)
-    hidden: int  # the widest activation per token (hidden or MLP size)
+    hidden: int
+    intermediate: int  # the MLP's width
+    layers: int
+    kv: int  # key (and value) width per token and layer
     vocab: int
     itemsize: int
+    rows: int = SCORE_ROWS  # the scoring batch: items
+    width: int = SCORE_WIDTH  # tokens of its longest item
+    answers: int = SCORE_ANSWERS  # answer tokens of its longest answer
 
     @property
     def temporaries(self) -> int:
@@ -63,7 +71,15 @@ class Footprint:
 
     @property
     def activations(self) -> int:
-        return ACTIVATION_TOKENS * 4 * self.hidden * self.itemsize + LOGIT_ROWS * self.vocab * 4
+        tokens = self.rows * self.width
+        layer = tokens * (2 * self.hidden + 3 * self.intermediate) * self.itemsize
+        cache = tokens * self.layers * 2 * self.kv * self.itemsize
+        return layer + cache + self.rows * self.answers * self.vocab * 4
+
+    def scoring(self, rows: int, width: int, answers: int) -> Footprint:
+        """This footprint for a scoring batch of ``rows`` items, ``width`` tokens at most,
+        ``answers`` answer tokens at most."""
+        return replace(self, rows=rows, width=width, answers=answers)
 
     @property
     def read_ahead(self) -> int:
@@ -135,16 +151,28 @@ def footprint(paths: list[str], dtype_bytes: int) -> Footprint:
         largest = max([largest, *numels])
         if i == 0:
             config = ck.config
-    hidden = max(int(config.get("hidden_size", 0) or 0), int(config.get("intermediate_size", 0) or 0))
     return Footprint(
         model=sizes[0],
         sources=sum(sizes),
         largest=largest,
         inputs=len(paths),
-        hidden=hidden,
-        vocab=int(config.get("vocab_size", 0) or 0),
+        **_shape(config),
         itemsize=dtype_bytes,
     )
+
+
+def _shape(config: dict) -> dict[str, int]:
+    """The widths the scoring term needs, from a model's config (0 where it names none)."""
+    get = lambda key, default=0: int(config.get(key) or default)  # noqa: E731
+    hidden, heads = get("hidden_size"), get("num_attention_heads", 1)
+    head_dim = get("head_dim", hidden // max(1, heads))
+    return {
+        "hidden": hidden,
+        "intermediate": get("intermediate_size"),
+        "layers": get("num_hidden_layers"),
+        "kv": get("num_key_value_heads", heads) * head_dim,
+        "vocab": get("vocab_size"),
+    }
 
 
 def llama_footprint(config: dict, sources: int, itemsize: int) -> Footprint:
@@ -161,8 +189,7 @@ def llama_footprint(config: dict, sources: int, itemsize: int) -> Footprint:
         sources=model * sources,
         largest=max(v * h, h * i),
         inputs=sources,
-        hidden=max(h, i),
-        vocab=v,
+        **_shape(config),
         itemsize=itemsize,
     )
 

@@ -78,6 +78,9 @@ class JobResult:
     split: str | None = None
     per_sample: dict[str, list[bool]] = field(default_factory=dict)
     node: str | None = None  # where it ran, when the dispatcher knows (a Ray node id)
+    # the worker's peak memory so far on its device (GiB; the most on any one of a split
+    # worker's GPUs): tensors allocated on a GPU, host memory above the worker's start on the CPU
+    peak_gib: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -197,6 +200,7 @@ class MergeWorker:
         from evomerge.fitness.scoring import load_model, pick_device
         from evomerge.operators.recipe import DTYPES
 
+        self._start_bytes = _host_peak_bytes()  # the process before the sources (imports and all)
         if spec.threads:
             torch.set_num_threads(spec.threads)  # after imports: a module may have set it
         self.spec = spec
@@ -355,11 +359,35 @@ class MergeWorker:
             result.score_seconds = time.perf_counter() - merged
             result.value, result.values, result.tasks, result.samples = fit.fitness, fit.values, fit.tasks, fit.samples
             result.per_sample = fit.per_sample
+            result.peak_gib = self.peak_gib()
             if any(v != v for v in [result.value, *result.values]):
                 result.error = "the fitness is NaN"
         except EvomergeError as err:
             result.error = str(err)
         return result
+
+
+    def peak_gib(self) -> float | None:
+        """The peak memory of this worker on its device so far, comparable with the memory
+        plan (which counts neither the process nor the CUDA context): the most tensor bytes
+        allocated on any of its GPUs, or on the CPU host memory above its start."""
+        if self.device.type == "cuda":
+            devices = getattr(self, "devices", [self.device])
+            return max(torch.cuda.max_memory_allocated(d) for d in devices) / (1 << 30)
+        peak = _host_peak_bytes()
+        return None if peak is None or self._start_bytes is None else (peak - self._start_bytes) / (1 << 30)
+
+
+def _host_peak_bytes() -> int | None:
+    """This process's peak resident memory (Linux ``VmHWM``; None where there is none)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _arrived(item: tuple[Any, Any, Any, int], main) -> tuple[Any, Any]:
