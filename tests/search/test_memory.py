@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +107,31 @@ def test_without_a_known_budget_auto_is_resident_and_nothing_is_refused(family):
     plan = _plan(family, "auto", "cuda", None)
     assert plan.placement == "resident" and plan.budget_gib is None and "budget unknown here" in plan.line()
     assert _plan(family, "streamed", "cuda", None).placement == "streamed"
+
+
+def test_the_scoring_term_is_the_fitness_batch_the_workers_will_score(tiny_cfg):
+    """The planner encodes the samples as the workers do: its batch is the samples (fewer
+    than the 160 a batch holds) by the longest item, on every split the run scores."""
+    from evomerge.experiments.run import _scoring_batch, prepare, with_memory_plan
+    from evomerge.fitness.evaluate import Evaluator
+    from evomerge.fitness.scoring import load_tokenizer
+    from evomerge.search.memory import SCORE_ROWS, SCORE_WIDTH
+
+    prep = prepare(tiny_cfg(), log=lambda _: None)
+    tokenizer = load_tokenizer(Path(prep.spec.sources[prep.spec.model_ref]))
+    widths = []
+    for split in ("search", "validation", "test"):
+        ev = Evaluator(prep.cfg.fitness, zoo_root=Path(prep.spec.zoo_root), seed=prep.spec.seed, split=split)
+        widths += [int(ev._encode(name, tokenizer).ids.shape[1]) for name in ev.items]
+    rows, width, answers = _scoring_batch(prep)
+    assert rows == 20 < SCORE_ROWS and width == max(widths) < SCORE_WIDTH and answers >= 1
+    fp = footprint(
+        [
+            prep.spec.sources[prep.spec.model_ref],
+            *(p for r, p in prep.spec.sources.items() if r != prep.spec.model_ref),
+        ],
+        4,
+    )
+    planned = with_memory_plan(prep).memory
+    assert planned.device_gib == pytest.approx(fp.scoring(rows, width, answers).device_bytes("resident", "cpu") / GIB)
+    assert planned.device_gib < fp.device_bytes("resident", "cpu") / GIB  # the default batch is larger
