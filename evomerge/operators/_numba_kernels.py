@@ -119,6 +119,28 @@ def _tie_priority(i, key):
 
 
 @njit(inline="always")
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser (``sparsify._fmix32``), in uint32."""
+    h = np.uint32(h ^ (h >> np.uint32(16)))
+    h = np.uint32(h * np.uint32(0x85EBCA6B))
+    h = np.uint32(h ^ (h >> np.uint32(13)))
+    h = np.uint32(h * np.uint32(0xC2B2AE35))
+    return np.uint32(h ^ (h >> np.uint32(16)))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def random_keep(out, k_lo, k_hi, threshold, nblocks):
+    """out[i] = sparsify.keep_hash(i, key) < threshold (the key as its two 32-bit halves)."""
+    n = out.size
+    for b in prange(nblocks):
+        lo, hi = _span(n, nblocks, b)
+        for i in range(lo, hi):
+            h = _fmix32(np.uint32(np.uint32(i & 0xFFFFFFFF) ^ k_lo))
+            h = _fmix32(np.uint32(h ^ np.uint32((i >> 32) & 0xFFFFFFFF) ^ k_hi))
+            out[i] = np.uint64(h) < threshold
+
+
+@njit(inline="always")
 def _span(n, nblocks, b):
     step = (n + nblocks - 1) // nblocks
     return b * step, min(n, (b + 1) * step)

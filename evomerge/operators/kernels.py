@@ -192,6 +192,13 @@ def _left_out(index: np.ndarray, priority: np.ndarray, keep: int) -> np.ndarray:
     return index[priority > cutoff]
 
 
+def random_keep(n: int, key: int, threshold: int) -> Tensor:
+    """``sparsify.keep_hash(arange(n), key) < threshold`` as a bool tensor, in parallel."""
+    out = np.empty(n, np.bool_)
+    _kernels().random_keep(out, np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32), np.uint64(threshold), _blocks(n))
+    return torch.from_numpy(out)
+
+
 def topk_mask(x: Tensor, k: int) -> Tensor:
     """Boolean mask of the ``k`` entries of largest |x| (ties: lowest tie priority first)."""
     key, drop = magnitude_threshold(x, None, k)

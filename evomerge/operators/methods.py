@@ -210,7 +210,7 @@ def _rescaled(mask_fn: Callable[[Tensor, int, dict, Any], Tensor]) -> Sparsifier
     return apply
 
 
-_sparsify_random = _rescaled(lambda d, i, p, gen: sparsify.bernoulli(d, p["density"][i], gen))
+_sparsify_random = _rescaled(lambda d, i, p, gen: sparsify.bernoulli(d, p["density"][i], gen, stream=i))
 _sparsify_outliers = _rescaled(lambda d, i, p, gen: sparsify.magnitude_outliers(d, p["density"][i], p["gamma"][i]))
 
 

@@ -32,13 +32,36 @@ def tie_priority(index: Tensor, key: int) -> Tensor:
     bits of the flat index xor the key, above it the high bits: distinct for distinct
     indices, uncorrelated with position within 2^32 entries, and a different order for
     each magnitude. int64 arithmetic (products wrap; the masks keep their low 32 bits)."""
-    h = (index & _M32) ^ key
+    return _fmix32((index & _M32) ^ key) | ((index >> 32) << 32)
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser of 32-bit values held in int64."""
     h = h ^ (h >> 16)
     h = (h * 0x85EBCA6B) & _M32
     h = h ^ (h >> 13)
     h = (h * 0xC2B2AE35) & _M32
-    h = h ^ (h >> 16)
-    return h | ((index >> 32) << 32)
+    return h ^ (h >> 16)
+
+
+_M64 = (1 << 64) - 1
+
+
+def stream_key(seed: int, stream: int) -> int:
+    """A 64-bit key per (seed, stream): SplitMix64's output function (Steele et al. 2014)
+    at ``seed + (stream + 1) * golden``; a merge's per-tensor seed and a model's index."""
+    z = (seed + (stream + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def keep_hash(index: Tensor, key: int) -> Tensor:
+    """A uniform 32-bit value per flat index under ``key`` (counter-based: no state, any
+    order, any device): fmix32 of the low index bits xor the key's low half, then of
+    that xor the high index bits xor the key's high half."""
+    h = _fmix32((index & _M32) ^ (key & _M32))
+    return _fmix32(h ^ ((index >> 32) & _M32) ^ ((key >> 32) & _M32))
 
 
 def _magnitude_bits(x: Tensor) -> Tensor:
@@ -136,12 +159,20 @@ def magnitude_outliers(x: Tensor, density: float, gamma: float) -> Tensor:
     return upper & ~topk_mask(x, n_top)
 
 
-def bernoulli(x: Tensor, density: float, gen: torch.Generator | None) -> Tensor:
-    """DARE drop (Yu et al. 2024, Eq. 2): keep each entry with probability ``density``."""
+def bernoulli(x: Tensor, density: float, gen: torch.Generator | None, stream: int = 0) -> Tensor:
+    """DARE drop (Yu et al. 2024, Eq. 2): keep each entry with probability ``density``,
+    independently: entry i is kept when ``keep_hash(i, key) < density * 2^32``, the key
+    from the generator's seed and ``stream`` (the model's index). Counter-based, so the
+    mask is the same on every device and thread count: a candidate scored on a GPU is
+    exported on a CPU as it was scored. The CPU runs it as a numba kernel."""
     if density >= 1.0:
         return torch.ones_like(x, dtype=torch.bool)
-    probs = torch.full(x.shape, density, dtype=torch.float32, device=x.device)
-    return torch.bernoulli(probs, generator=gen).to(torch.bool)
+    key = stream_key(gen.initial_seed() if gen is not None else 0, stream)
+    threshold = round(density * 2**32)
+    n = x.numel()
+    if x.device.type == "cpu" and n >= kernels.MIN_NUMEL and kernels.available():
+        return kernels.random_keep(n, key, threshold).view(x.shape)
+    return (keep_hash(torch.arange(n, device=x.device), key) < threshold).view(x.shape)
 
 
 def rank_sampling(x: Tensor, density: float, epsilon: float, gen: torch.Generator | None) -> Tensor:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from evomerge.errors import MergeError
+from evomerge.operators import sparsify
 from evomerge.operators.registry import get_operator
 
 G = torch.Generator().manual_seed(0)
@@ -124,15 +125,15 @@ def test_the_election_runs_slice_by_slice_with_the_same_bits(method, monkeypatch
 
 
 def test_dare_linear_against_its_formula_below_density_one():
-    """DARE (Yu et al. 2024, Eq. 2-3): tau_i * m_i, m_i ~ Bernoulli(p) drawn model by
-    model from the seeded generator, rescaled to tau_i's L1 norm, then weighted and
+    """DARE (Yu et al. 2024, Eq. 2-3): tau_i * m_i, m_i ~ Bernoulli(p) drawn from the
+    tensor's seed and model i's stream, rescaled to tau_i's L1 norm, then weighted and
     summed onto the base (no normalisation for dare_linear), times lambda."""
     weight, density, lam = [0.7, 0.4], [0.5, 0.3], 0.9
     gen = torch.Generator().manual_seed(11)
     expected = torch.zeros_like(BASE)
-    for t, w, d in zip([A, B], weight, density):
+    for i, (t, w, d) in enumerate(zip([A, B], weight, density)):
         tau = t - BASE
-        mask = torch.bernoulli(torch.full(tau.shape, d), generator=gen)
+        mask = sparsify.bernoulli(tau, d, gen, stream=i)
         assert 0 < mask.sum() < mask.numel()  # entries were dropped: not task arithmetic in disguise
         kept = tau * mask
         expected += w * kept * (tau.abs().sum() / kept.abs().sum())

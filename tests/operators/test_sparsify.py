@@ -85,6 +85,23 @@ def test_bernoulli_keeps_density_fraction_and_is_seeded():
     b = sparsify.bernoulli(x, 0.3, torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
     assert abs(a.float().mean().item() - 0.3) < 0.01
+    # each quarter of the tensor keeps its share: no drift with position
+    assert all(abs(q.float().mean().item() - 0.3) < 0.015 for q in a.chunk(4))
+
+
+def test_dare_masks_are_independent_per_model_and_seed_and_the_same_on_every_path():
+    """The mask is a function of (tensor seed, model index, flat index): the numba kernel
+    (CPU) gives the torch definition's bits (any device), models and seeds differ, and a
+    pair of models keeps both entries as often as independence says (density^2)."""
+    x = torch.ones(1 << 18)
+    gen = torch.Generator().manual_seed(7)
+    first, second = sparsify.bernoulli(x, 0.4, gen, stream=0), sparsify.bernoulli(x, 0.4, gen, stream=1)
+    reseeded = sparsify.bernoulli(x, 0.4, torch.Generator().manual_seed(8), stream=0)
+    torch_path = sparsify.keep_hash(torch.arange(x.numel()), sparsify.stream_key(7, 0)) < round(0.4 * 2**32)
+    assert torch.equal(first, torch_path)
+    assert not torch.equal(first, second) and not torch.equal(first, reseeded)
+    assert abs((first & second).float().mean().item() - 0.16) < 0.005
+    assert not sparsify.bernoulli(x, 0.0, gen).any() and sparsify.bernoulli(x, 1.0, gen).all()
 
 
 def test_rank_sampling_probabilities_follow_rank():
