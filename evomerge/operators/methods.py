@@ -45,6 +45,7 @@ def _weight_sum(weight: Sequence[float]) -> float:
     min_models=1,
     mixed_precision=True,
     nonfinite_propagates=True,  # w * NaN, w * Inf (Inf * 0 = NaN) and their sums stay non-finite
+    elementwise=True,
 )
 def linear(tensors: list[Tensor], base: Tensor | None, gen, *, weight, normalize=True, out_dtype=None) -> Tensor:
     """Weighted average: sum_i w_i theta_i, divided by sum_i w_i when ``normalize``;
@@ -326,6 +327,7 @@ def _register_family(
         Operator(
             name, fn, params, "required", 1, None, random, doc,
             mixed_precision=True, cpu_kernels=kern, nonfinite_propagates=True,
+            elementwise=sparsifier is _sparsify_none and not consensus,  # task arithmetic
         )
     )  # fmt: skip
 

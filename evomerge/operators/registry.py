@@ -106,6 +106,11 @@ class Operator:
     # result non-finite, whatever the parameters (a contract test injects them): the
     # engine then checks only the result, and the inputs only to name the culprit.
     nonfinite_propagates: bool = False
+    # True when each output element depends only on the same element of the inputs (and
+    # the parameters): merging a concatenation of tensors gives the concatenation of their
+    # merges, bit for bit (a contract test checks it), so a caller may merge a run of
+    # tensors that share parameters as one.
+    elementwise: bool = False
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -133,6 +138,7 @@ def register(
     mixed_precision: bool = False,
     cpu_kernels: bool = False,
     nonfinite_propagates: bool = False,
+    elementwise: bool = False,
 ) -> Callable[[OperatorFn], OperatorFn]:
     """Decorator: register ``fn`` under ``name`` with its declared parameters."""
 
@@ -141,7 +147,7 @@ def register(
         add(
             Operator(
                 name, fn, tuple(params), base, min_models, max_models, random, doc, mixed_precision,
-                cpu_kernels=cpu_kernels, nonfinite_propagates=nonfinite_propagates,
+                cpu_kernels=cpu_kernels, nonfinite_propagates=nonfinite_propagates, elementwise=elementwise,
             )
         )  # fmt: skip
         return fn

@@ -14,7 +14,7 @@ import copy
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,19 +94,64 @@ def resident_checkpoint(
     *,
     pin: bool = False,
     where: dict[str, torch.device] | None = None,
+    order: list[str] | None = None,
 ) -> Checkpoint:
     """Every tensor of a model directory, loaded once onto ``device`` (host memory pinned
-    for asynchronous copies to a GPU when ``pin``), or onto ``where[name]`` when named there."""
+    for asynchronous copies to a GPU when ``pin``), or onto ``where[name]`` when named there;
+    packed end to end in ``order`` (the resident model's), see :func:`pack`."""
     ck = open_checkpoint(path)
-    state = {}
-    for name, _info in ck.tensors.items():
-        t = ck.get(name)
-        at = (where or {}).get(name, device)
-        t = t.to(device=at, dtype=dtype if t.is_floating_point() else t.dtype)
-        state[name] = t.pin_memory() if pin else t
+    layout = {
+        name: (dtype if info.dtype.is_floating_point else info.dtype, (where or {}).get(name, device), info.shape)
+        for name, info in ck.tensors.items()
+    }
+    state = arena(layout, order or list(layout), pin=pin)
+    for name in layout:  # read into place: the device holds the packed copy and one tensor at most
+        state[name].copy_(ck.get(name))
     ck.close()
     infos = {k: TensorInfo(k, path, v.dtype, tuple(v.shape)) for k, v in state.items()}
     return Checkpoint(path, ck.config, infos, pickled=state)
+
+
+def arena(
+    layout: dict[str, tuple[torch.dtype, torch.device, tuple[int, ...]]], order: list[str], *, pin: bool = False
+) -> dict[str, torch.Tensor]:
+    """Uninitialised tensors of ``layout`` (name -> dtype, device, shape), each a view of
+    one flat buffer per dtype and device, end to end in ``order`` (the rest after it).
+    Tensors that follow each other in the resident model then follow each other in
+    every source too, so a run of them sharing its merge parameters can be merged as
+    one (:meth:`MergeWorker.merge`). The buffers are pinned when ``pin``."""
+    rank = {name: i for i, name in enumerate(order)}
+    groups: dict[tuple, list[str]] = {}
+    for name in sorted(layout, key=lambda n: rank.get(n, len(rank))):
+        groups.setdefault(layout[name][:2], []).append(name)
+    out = {}
+    for (dtype, device), names in groups.items():
+        sizes = [_numel(layout[n][2]) for n in names]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=device, pin_memory=pin)
+        at = 0
+        for name, size in zip(names, sizes):
+            out[name] = flat[at : at + size].view(layout[name][2])
+            at += size
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def pack_parameters(model: torch.nn.Module, device: torch.device) -> None:
+    """Move the model to ``device`` with its parameters end to end, in their order, in one
+    flat buffer per dtype (tied parameters stay one tensor): the device holds the
+    packed copy and nothing more."""
+    params = dict(model.named_parameters())
+    views = arena({n: (p.dtype, device, tuple(p.shape)) for n, p in params.items()}, list(params))
+    for name, param in params.items():
+        views[name].copy_(param.data)
+        param.data = views[name]
+    model.to(device)  # the buffers (rotary frequencies)
 
 
 class StackedModels:
@@ -213,18 +258,20 @@ class MergeWorker:
             streamed = spec.placement == "streamed"
             self.devices = worker_devices(self.device, spec.gpus_per_worker)
             split = len(self.devices) > 1
-            self.model, self.tokenizer = load_model(
-                Path(spec.sources[spec.model_ref]), torch.device("cpu") if split else self.device, dtype
-            )
+            self.model, self.tokenizer = load_model(Path(spec.sources[spec.model_ref]), torch.device("cpu"), dtype)
             if split:
                 split_by_layers(self.model, self.devices)
+            else:
+                pack_parameters(self.model, self.device)
             self.params = self.model.state_dict()
             held = torch.device("cpu") if streamed else self.device
             # resident sources sit beside the tensors they merge into (a split model's devices)
             where = None if streamed or not split else {k: v.device for k, v in self.params.items()}
             pin = streamed and self.device.type == "cuda"
+            order = list(self.params)
             self.sources = {
-                ref: resident_checkpoint(Path(p), held, dtype, pin=pin, where=where) for ref, p in spec.sources.items()
+                ref: resident_checkpoint(Path(p), held, dtype, pin=pin, where=where, order=order)
+                for ref, p in spec.sources.items()
             }
             # the resident model's own tokenizer: the one ready() encodes the samples with
             self._tokenizers = {spec.model_ref: self.tokenizer}
@@ -232,6 +279,7 @@ class MergeWorker:
         self._fitness = fitness
         self._evaluators: dict[str, Evaluator] = {}
         self._aligned: dict[tuple, Any] = {}
+        self._contiguous: dict[tuple, bool] = {}  # (planned tensor, the next) -> merged in one run
         self.copied_bytes = 0  # host-to-device bytes of the last candidate's inputs
         self._stop_monitor = spec.monitor.start() if spec.monitor is not None else None
 
@@ -262,9 +310,15 @@ class MergeWorker:
         if unknown is not None:
             raise EvomergeError(f"merged tensor '{unknown}' is not a parameter of the resident model")
         self.copied_bytes = 0
+        run: list[tuple[Any, Any, torch.Tensor]] = []
         for pt, inputs in self._stream(plan.tensors):
             target = self.params[pt.name]
-            target.copy_(merge_planned(pt, plan, inputs, target.device, seed))
+            if run and not self._follows(plan, run[-1], (pt, inputs, target)):
+                _merge_run(plan, run, seed)
+                run = []
+            run.append((pt, inputs, target))
+        if run:
+            _merge_run(plan, run, seed)
 
     def _stream(self, tensors: list) -> Iterator[tuple[Any, Any]]:
         """Each planned tensor with its inputs on the merge device. Resident sources are
@@ -322,6 +376,7 @@ class MergeWorker:
         rows = next((pt.shape[0] for pt in plan.tensors if pt.name == name), embed.shape[0])
         if rows != embed.shape[0]:
             self.model.resize_token_embeddings(rows, mean_resizing=False)
+            self._contiguous.clear()  # new embedding (and head) tensors, outside the packed buffer
             if len(self.devices) > 1:  # the new embedding and head modules: placed and hooked again
                 split_by_layers(self.model, self.devices)
             self.params = self.model.state_dict()
@@ -367,6 +422,18 @@ class MergeWorker:
         return result
 
 
+    def _follows(self, plan, last: tuple[Any, Any, torch.Tensor], this: tuple[Any, Any, torch.Tensor]) -> bool:
+        """Whether ``this`` planned tensor can be merged in one run with the ones before it:
+        an elementwise operator, the same parameters, and its inputs and target right after
+        the last one's (which depends on the plan's structure only: asked once)."""
+        a, b = last[0], this[0]
+        if not plan.operator.elementwise or plan.operator.random or a.params != b.params:
+            return False
+        key = (a.name, b.name, *a.sources, a.base, *b.sources, b.base)
+        if key not in self._contiguous:
+            self._contiguous[key] = _contiguous(last, this)
+        return self._contiguous[key]
+
     def peak_gib(self) -> float | None:
         """The peak memory of this worker on its device so far, comparable with the memory
         plan (which counts neither the process nor the CUDA context): the most tensor bytes
@@ -376,6 +443,50 @@ class MergeWorker:
             return max(torch.cuda.max_memory_allocated(d) for d in devices) / (1 << 30)
         peak = _host_peak_bytes()
         return None if peak is None or self._start_bytes is None else (peak - self._start_bytes) / (1 << 30)
+
+
+def _contiguous(last: tuple[Any, Any, torch.Tensor], this: tuple[Any, Any, torch.Tensor]) -> bool:
+    """Every input and the target of ``this`` planned tensor right after ``last``'s, in the
+    same buffer (the packed sources and model)."""
+    (a, a_in, a_out), (b, b_in, b_out) = last, this
+    if a.vocab is not None or b.vocab is not None or a.dtype != b.dtype or len(a_in[0]) != len(b_in[0]):
+        return False
+    if (a_in[1] is None) != (b_in[1] is None):
+        return False
+    return all(_adjacent(x, y) for x, y in zip([*_flat(a_in), a_out], [*_flat(b_in), b_out]))
+
+
+def _adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``b`` starts where ``a`` ends, in the same storage, both contiguous."""
+    return (
+        a.dtype == b.dtype
+        and a.device == b.device
+        and a.is_contiguous()
+        and b.is_contiguous()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and b.storage_offset() == a.storage_offset() + a.numel()
+    )
+
+
+def _merge_run(plan, run: list[tuple[Any, Any, torch.Tensor]], seed: int) -> None:
+    """Merge a run of planned tensors into their targets: one merge over the run's span
+    when it holds several (the elementwise operator gives the same bits); a non-finite
+    result is merged again tensor by tensor, so that the error names the tensor."""
+    if len(run) > 1:
+        pt, (tensors, base), target = run[0]
+        total = sum(t.numel() for _, _, t in run)
+        span = lambda t: t.as_strided((total,), (1,), t.storage_offset())  # noqa: E731
+        whole = replace(pt, shape=(total,))
+        try:
+            merged = merge_planned(whole, plan, ([span(t) for t in tensors], span(base) if base is not None else None),
+                                   target.device, seed)  # fmt: skip
+        except EvomergeError:
+            pass  # merged below one by one, to name the tensor
+        else:
+            span(target).copy_(merged)
+            return
+    for pt, inputs, target in run:
+        target.copy_(merge_planned(pt, plan, inputs, target.device, seed))
 
 
 def _host_peak_bytes() -> int | None:

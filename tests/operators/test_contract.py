@@ -123,3 +123,21 @@ def test_nonfinite_input_gives_nonfinite_result(name, bad, dtype):
                 target.view(-1)[pos] = bad
                 out = _call(op, ts, b, **over)
                 assert not torch.isfinite(out.to(dtype)).all(), f"{over} input {i} at {pos} gave a finite result"
+
+
+@pytest.mark.parametrize("name", [n for n in OPS if operators()[n].elementwise])
+def test_an_elementwise_operator_merges_a_concatenation_as_its_parts(name):
+    """What ``elementwise`` promises: merging tensors end to end gives the merges end to
+    end, bit for bit (float32 and bfloat16, parts large enough for the CPU kernels)."""
+    op = operators()[name]
+    n = _n_models(op)
+    for dtype in (torch.float32, torch.bfloat16):
+        parts = [_inputs(op, n, seed=s, shape=shape) for s, shape in enumerate([(64, 300), (7,), (128, 129)])]
+        cast = lambda t, dtype=dtype: None if t is None else t.to(dtype)  # noqa: E731
+        whole = _call(
+            op,
+            [torch.cat([cast(p[0][i]).reshape(-1) for p in parts]) for i in range(n)],
+            None if parts[0][1] is None else torch.cat([cast(p[1]).reshape(-1) for p in parts]),
+        )
+        pieces = torch.cat([_call(op, [cast(t) for t in ts], cast(b)).reshape(-1) for ts, b in parts])
+        assert torch.equal(whole, pieces)

@@ -33,3 +33,46 @@ def test_resident_sources_are_merged_in_place_never_copied(family, monkeypatch):
         held = [sources[r.model].pickled[r.tensor] for r in (*pt.sources, pt.base)]
         assert [t.data_ptr() for t in (*tensors, base_t)] == [h.data_ptr() for h in held], pt.name
     assert asked and all(d is device for d in asked)  # on a GPU: the tensor already there
+
+
+def test_runs_of_tensors_sharing_parameters_merge_as_one_with_the_same_bits(tiny_cfg, monkeypatch):
+    """Sources and model packed end to end: an elementwise merge (linear, task arithmetic)
+    runs once over each run of tensors with equal parameters (a layer gradient breaks the
+    runs at layers), and gives the bits of merging tensor by tensor; TIES never runs so."""
+    from evomerge.experiments.run import prepare
+    from evomerge.search import worker as worker_module
+    from evomerge.search.worker import MergeWorker
+
+    prep = prepare(tiny_cfg(), log=lambda _: None)
+    w = MergeWorker(prep.spec)
+    refs = list(prep.spec.sources)
+    base, models = refs[0], refs[1:]
+    gradient = {"weight": [0.2, 0.9]}  # interpolated over the layers: each layer's own weight
+    recipes = [
+        {"merge_method": "linear",
+         "models": [{"model": m, "parameters": {"weight": 0.3 + i}} for i, m in enumerate(models)]},
+        {"merge_method": "task_arithmetic", "base_model": base,
+         "models": [{"model": m, "parameters": gradient if i == 0 else {"weight": 0.5}} for i, m in enumerate(models)]},
+        {"merge_method": "ties", "base_model": base,
+         "models": [{"model": m, "parameters": {"weight": 0.5, "density": 0.5}} for m in models]},
+    ]  # fmt: skip
+    calls: list[int] = []
+    merge_run = worker_module._merge_run
+    monkeypatch.setattr(
+        worker_module, "_merge_run", lambda plan, run, seed: calls.append(len(run)) or merge_run(plan, run, seed)
+    )
+    for recipe in recipes:
+        calls.clear()
+        w.merge(Recipe.from_dict(recipe), seed=1)
+        runs, merged = list(calls), {k: v.clone() for k, v in w.params.items()}
+        with monkeypatch.context() as m:
+            m.setattr(MergeWorker, "_follows", lambda *a: False)
+            w.merge(Recipe.from_dict(recipe), seed=1)
+        assert all(torch.equal(merged[k], w.params[k]) for k in merged), recipe["merge_method"]
+        n = len(build_plan(Recipe.from_dict(recipe), w.sources).tensors)
+        if recipe["merge_method"] == "linear":
+            assert runs == [n]  # one merge for the whole model
+        elif recipe["merge_method"] == "task_arithmetic":
+            assert 1 < len(runs) < n  # broken at the layers, whose weights differ
+        else:
+            assert runs == [1] * n
