@@ -94,10 +94,19 @@ def ray_cluster(workers: int = 0, cpus: int = 1) -> Iterator[str]:
     head = [exe, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1"]
     head += ["--include-dashboard=false", *common]
     nodes: list[subprocess.Popen] = []
+    logs = Path(tempfile.mkdtemp(prefix="evomerge-ray-nodes-"))
 
     def start(cmd: list[str]) -> None:
-        out = subprocess.DEVNULL
-        nodes.append(subprocess.Popen(cmd, env=cli_env(), start_new_session=True, stdout=out, stderr=out))
+        # each node's agent ports named up front: a raylet waits for a dynamic port's file
+        # only so long, and on a loaded machine its agent may not write it in time (the
+        # raylet then exits: "Timed out waiting for file .../metrics_agent_port_...")
+        ports = ["--dashboard-agent-grpc-port", "--dashboard-agent-listen-port", "--metrics-export-port"]
+        cmd = [*cmd, *(arg for flag in ports for arg in (flag, str(free_port())))]
+        with open(logs / f"node{len(nodes)}.log", "w") as out:  # `ray start`'s own words, for a failure
+            nodes.append(subprocess.Popen(cmd, env=cli_env(), start_new_session=True, stdout=out, stderr=out))
+
+    def said() -> str:
+        return "".join(f"\n--- {f.name}:\n" + f.read_text()[-1500:] for f in sorted(logs.glob("node*.log")))
 
     try:
         start(head)
@@ -109,10 +118,14 @@ def ray_cluster(workers: int = 0, cpus: int = 1) -> Iterator[str]:
             except OSError:
                 assert nodes[0].poll() is None and time.monotonic() < deadline, "ray start did not come up"
                 time.sleep(0.5)
-        for _ in range(workers):
+        for _ in range(workers):  # one at a time: raylets starting at once on 2 cores miss Ray's 30 s limit
             start([exe, "start", "--address", f"127.0.0.1:{port}", *common])
-        time.sleep(3 + 3 * workers)  # the raylets register with the GCS
-        assert all(n.poll() is None for n in nodes), "a Ray node exited"
+            registered = logs / f"node{len(nodes) - 1}.log"
+            deadline = time.monotonic() + 120
+            while "Ray runtime started" not in registered.read_text():  # printed once the GCS knows the node
+                assert nodes[-1].poll() is None and time.monotonic() < deadline, "a Ray node did not start" + said()
+                time.sleep(0.5)
+        assert all(n.poll() is None for n in nodes), "a Ray node exited" + said()
         yield f"127.0.0.1:{port}"
     finally:
         for node in reversed(nodes):
@@ -125,3 +138,4 @@ def ray_cluster(workers: int = 0, cpus: int = 1) -> Iterator[str]:
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         if current.is_file() and current.read_text().strip().endswith(f":{port}"):
             current.unlink()
+        shutil.rmtree(logs, ignore_errors=True)
