@@ -131,8 +131,8 @@ def one(
             adds.append(time.perf_counter() - t)
         merge_s, add_s = statistics.median(merges), statistics.median(adds)
         out["methods"][method] = {
-            "merge_s": round(merge_s, 3),
-            "weighted_add_s": round(add_s, 3),
+            "merge_s": round(merge_s, 5),
+            "weighted_add_s": round(add_s, 5),
             "x_add": round(merge_s / add_s, 2),
             "h2d_bytes": int(statistics.median(bytes_in)),
         }

@@ -8,17 +8,19 @@ vocabulary clashes, parameter domains) runs here, before any weight is read.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from evomerge.errors import MergeError, RecipeError
 from evomerge.operators.checkpoint import Checkpoint
-from evomerge.operators.recipe import Params, Recipe, Slice, SliceSource, resolve_value
+from evomerge.operators.recipe import FilterValue, Params, Recipe, Slice, SliceSource, resolve_value
 from evomerge.operators.registry import Operator, Param, all_param_names, get_operator
 from evomerge.operators.vocab import VocabPlan, build_vocab_plan
 
@@ -45,6 +47,7 @@ class PlannedTensor:
     dtype: torch.dtype
     vocab_rows: int | None = None  # rows of a vocabulary tensor under a tokenizer source
     vocab: VocabPlan | None = None  # how each source's rows map to the output's (a vocabulary tensor)
+    param_key: tuple = ()  # (slice, layer, filters matched): what its parameters depend on
 
 
 @dataclass
@@ -183,11 +186,33 @@ def _params_for(ctx: _SliceCtx, recipe: Recipe, op: Operator, tensor: str, layer
     return out
 
 
+def _filters(recipe: Recipe) -> set[str]:
+    """Every filter string in the recipe's parameters (what a tensor's name is matched against)."""
+    blocks: list[Params | None] = [recipe.parameters]
+    for m in recipe.models or []:
+        blocks.append(m.parameters)
+    for sl in recipe.slices or []:
+        blocks.append(sl.parameters)
+        blocks.extend(src.parameters for src in sl.sources)
+    return {
+        entry.filter
+        for block in blocks
+        for value in (block or {}).values()
+        if isinstance(value, list)
+        for entry in value
+        if isinstance(entry, FilterValue) and entry.filter is not None
+    }
+
+
 class _Planner:
     def __init__(self, recipe: Recipe, ckpts: dict[str, Checkpoint], op: Operator):
         self.recipe, self.ckpts, self.op = recipe, ckpts, op
         self.tok_model = self._tokenizer_model()
         self.out: list[PlannedTensor] = []
+        # a tensor's parameters depend on its slice, its layer and which filters match its
+        # name: computed once per such key (one dict, shared by the tensors that have it)
+        self.filters = sorted(_filters(recipe))
+        self.params: dict[tuple, dict[str, Any]] = {}
         self.vocab: VocabPlan | None = None
         source = recipe.vocab_source
         if source is not None:
@@ -224,12 +249,17 @@ class _Planner:
         infos = [self._info(r) for r in every]
         first = infos[0]
         out_dtype = self.recipe.out_torch_dtype or self._info(base or refs[0]).dtype
-        params = _params_for(ctx, self.recipe, self.op, name, layer)
+        key = (ctx.index, layer, *(f in name for f in self.filters))
+        params = self.params.get(key)
+        if params is None:
+            params = self.params[key] = _params_for(ctx, self.recipe, self.op, name, layer)
         if self.vocab is not None and self._is_vocab_tensor(every, infos, layer):
             if any(i.shape[1:] != first.shape[1:] for i in infos):
                 raise MergeError(f"tensor '{name}': the models' embedding widths differ")
             shape = (self.vocab.size, *first.shape[1:])
-            self.out.append(PlannedTensor(name, refs, base, params, shape, out_dtype, self.vocab.size, self.vocab))
+            self.out.append(
+                PlannedTensor(name, refs, base, params, shape, out_dtype, self.vocab.size, self.vocab, key)
+            )
             return
         for ref, info in zip(every, infos):
             if info.shape == first.shape:
@@ -243,7 +273,7 @@ class _Planner:
                 f"tensor '{name}' has shape {list(first.shape)} in '{refs[0].model}' "
                 f"but {list(info.shape)} in '{ref.model}'"
             )
-        self.out.append(PlannedTensor(name, refs, base, params, tuple(first.shape), out_dtype))
+        self.out.append(PlannedTensor(name, refs, base, params, tuple(first.shape), out_dtype, param_key=key))
 
     @staticmethod
     def _is_vocab_clash(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
@@ -305,3 +335,47 @@ def build_plan(recipe: Recipe, ckpts: dict[str, Checkpoint]) -> MergePlan:
         planner.vocab,
         ckpts[config_model].num_layers,
     )
+
+
+def structure(recipe: Recipe) -> str:
+    """``recipe`` without its parameter values (their names and forms kept: scalar,
+    gradient length, filters): recipes with the same structure have the same plan but
+    for the tensors' parameters (:func:`replan`)."""
+
+    def form(value: Any) -> Any:
+        if isinstance(value, list):
+            return [form(v) for v in value] if value and isinstance(value[0], dict) else ["gradient", len(value)]
+        if isinstance(value, dict):  # a filter entry
+            return {"filter": value.get("filter"), "value": form(value.get("value"))}
+        return "scalar"
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            params = lambda block: {n: form(v) for n, v in sorted(block.items())}  # noqa: E731
+            return {
+                k: params(v) if k == "parameters" and isinstance(v, dict) else strip(v) for k, v in sorted(node.items())
+            }
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return json.dumps(strip(recipe.to_dict()))
+
+
+def replan(plan: MergePlan, recipe: Recipe, ckpts: dict[str, Checkpoint]) -> MergePlan:
+    """The plan of ``recipe``, which has ``plan``'s structure (:func:`structure`): ``plan``
+    with each tensor's parameters resolved from ``recipe``; the same as :func:`build_plan`."""
+    op = plan.operator
+    _check_param_names(recipe, op)
+    ctxs = [_slice_ctx(i, sl, recipe, op) for i, sl in enumerate(_slices(recipe, ckpts))]
+    resolved: dict[tuple, dict[str, Any]] = {}
+    tensors = []
+    for pt in plan.tensors:
+        params = resolved.get(pt.param_key)
+        if params is None:
+            ctx, layer = ctxs[pt.param_key[0]], pt.param_key[1]
+            params = resolved[pt.param_key] = _params_for(ctx, recipe, op, pt.name, layer)
+        twin = copy.copy(pt)  # dataclasses.replace re-runs __init__: 14 us a tensor, measured
+        twin.params = params
+        tensors.append(twin)
+    return replace(plan, recipe=recipe, tensors=tensors)

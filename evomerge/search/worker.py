@@ -24,7 +24,7 @@ from evomerge.errors import EvomergeError
 from evomerge.fitness.evaluate import Evaluator, FitnessConfig
 from evomerge.operators.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from evomerge.operators.engine import load_inputs, merge_planned, tensor_seed
-from evomerge.operators.plan import build_plan
+from evomerge.operators.plan import build_plan, replan, structure
 from evomerge.operators.recipe import Recipe
 from evomerge.search.split import split_by_layers, worker_devices
 
@@ -280,6 +280,7 @@ class MergeWorker:
         self._evaluators: dict[str, Evaluator] = {}
         self._aligned: dict[tuple, Any] = {}
         self._contiguous: dict[tuple, bool] = {}  # (planned tensor, the next) -> merged in one run
+        self._plans: dict[str, Any] = {}  # recipe structure -> its last plan
         self.copied_bytes = 0  # host-to-device bytes of the last candidate's inputs
         self._stop_monitor = spec.monitor.start() if spec.monitor is not None else None
 
@@ -304,7 +305,7 @@ class MergeWorker:
     @torch.no_grad()
     def merge(self, recipe: Recipe, seed: int) -> None:
         """Overwrite the resident model's tensors with the merge of ``recipe``."""
-        plan = build_plan(recipe, self.sources)
+        plan = self._plan(recipe)
         self._fit_vocabulary(plan)
         unknown = next((pt.name for pt in plan.tensors if pt.name not in self.params), None)
         if unknown is not None:
@@ -422,12 +423,21 @@ class MergeWorker:
         return result
 
 
+    def _plan(self, recipe: Recipe):
+        """The merge plan of ``recipe``: planned once per recipe structure (the search's
+        candidates share one), then only each tensor's parameters are resolved again."""
+        key = structure(recipe)
+        known = self._plans.get(key)
+        plan = replan(known, recipe, self.sources) if known is not None else build_plan(recipe, self.sources)
+        self._plans[key] = plan
+        return plan
+
     def _follows(self, plan, last: tuple[Any, Any, torch.Tensor], this: tuple[Any, Any, torch.Tensor]) -> bool:
         """Whether ``this`` planned tensor can be merged in one run with the ones before it:
         an elementwise operator, the same parameters, and its inputs and target right after
         the last one's (which depends on the plan's structure only: asked once)."""
         a, b = last[0], this[0]
-        if not plan.operator.elementwise or plan.operator.random or a.params != b.params:
+        if not plan.operator.elementwise or plan.operator.random or (a.params is not b.params and a.params != b.params):
             return False
         key = (a.name, b.name, *a.sources, a.base, *b.sources, b.base)
         if key not in self._contiguous:
