@@ -245,7 +245,7 @@ class MergeWorker:
         from evomerge.fitness.scoring import load_model, pick_device
         from evomerge.operators.recipe import DTYPES
 
-        self._start_bytes = _host_peak_bytes()  # the process before the sources (imports and all)
+        self._start_bytes = _host_peak_bytes(reset=True)  # the process before the sources (imports and all)
         if spec.threads:
             torch.set_num_threads(spec.threads)  # after imports: a module may have set it
         self.spec = spec
@@ -499,9 +499,14 @@ def _merge_run(plan, run: list[tuple[Any, Any, torch.Tensor]], seed: int) -> Non
         target.copy_(merge_planned(pt, plan, inputs, target.device, seed))
 
 
-def _host_peak_bytes() -> int | None:
-    """This process's peak resident memory (Linux ``VmHWM``; None where there is none)."""
+def _host_peak_bytes(reset: bool = False) -> int | None:
+    """This process's peak resident memory (Linux ``VmHWM``; None where there is none);
+    with ``reset``, the peak is first brought down to what the process holds now (writing
+    5 to ``/proc/self/clear_refs``), so that a worker in a long-lived process measures its own."""
     try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
         with open("/proc/self/status") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
