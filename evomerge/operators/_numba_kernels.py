@@ -107,20 +107,15 @@ def _key(v):
 @njit(inline="always")
 def _tie_priority(i, key):
     """The order among entries of magnitude key ``key``: ``sparsify.tie_priority`` (int64)."""
-    # in uint32 (numba widens each operation; the casts narrow it back, so LLVM uses
-    # 32-bit vector multiplies: int64 ones have no AVX2 instruction)
-    h = np.uint32(np.uint32(i & 0xFFFFFFFF) ^ np.uint32(key))
-    h = np.uint32(h ^ (h >> np.uint32(16)))
-    h = np.uint32(h * np.uint32(0x85EBCA6B))
-    h = np.uint32(h ^ (h >> np.uint32(13)))
-    h = np.uint32(h * np.uint32(0xC2B2AE35))
-    h = np.uint32(h ^ (h >> np.uint32(16)))
+    h = _fmix32(np.uint32(np.uint32(i & 0xFFFFFFFF) ^ np.uint32(key)))
     return np.int64(h) | ((i >> 32) << 32)
 
 
 @njit(inline="always")
 def _fmix32(h):
     """MurmurHash3's 32-bit finaliser (``sparsify._fmix32``), in uint32."""
+    # in uint32 (numba widens each operation; the casts narrow it back, so LLVM uses
+    # 32-bit vector multiplies: int64 ones have no AVX2 instruction)
     h = np.uint32(h ^ (h >> np.uint32(16)))
     h = np.uint32(h * np.uint32(0x85EBCA6B))
     h = np.uint32(h ^ (h >> np.uint32(13)))

@@ -33,6 +33,7 @@ is what is free when the plan is made, and a margin of ``MARGIN`` is kept.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -144,7 +145,7 @@ def footprint(paths: list[str], dtype_bytes: int) -> Footprint:
     for i, path in enumerate(paths):
         ck = open_checkpoint(Path(path))
         try:
-            numels = [_numel(info.shape) for info in ck.tensors.values() if info.dtype.is_floating_point]
+            numels = [math.prod(info.shape) for info in ck.tensors.values() if info.dtype.is_floating_point]
         finally:
             ck.close()
         sizes.append(sum(numels) * dtype_bytes)
@@ -192,13 +193,6 @@ def llama_footprint(config: dict, sources: int, itemsize: int) -> Footprint:
         **_shape(config),
         itemsize=itemsize,
     )
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def plan_memory(

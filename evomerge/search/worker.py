@@ -11,6 +11,7 @@ ahead of its merge; see :mod:`evomerge.search.memory`). Nothing here knows of Ra
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -98,7 +99,7 @@ def resident_checkpoint(
 ) -> Checkpoint:
     """Every tensor of a model directory, loaded once onto ``device`` (host memory pinned
     for asynchronous copies to a GPU when ``pin``), or onto ``where[name]`` when named there;
-    packed end to end in ``order`` (the resident model's), see :func:`pack`."""
+    packed end to end in ``order`` (the resident model's), see :func:`arena`."""
     ck = open_checkpoint(path)
     layout = {
         name: (dtype if info.dtype.is_floating_point else info.dtype, (where or {}).get(name, device), info.shape)
@@ -126,20 +127,13 @@ def arena(
         groups.setdefault(layout[name][:2], []).append(name)
     out = {}
     for (dtype, device), names in groups.items():
-        sizes = [_numel(layout[n][2]) for n in names]
+        sizes = [math.prod(layout[n][2]) for n in names]
         flat = torch.empty(sum(sizes), dtype=dtype, device=device, pin_memory=pin)
         at = 0
         for name, size in zip(names, sizes):
             out[name] = flat[at : at + size].view(layout[name][2])
             at += size
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def pack_parameters(model: torch.nn.Module, device: torch.device) -> None:
@@ -421,7 +415,6 @@ class MergeWorker:
         except EvomergeError as err:
             result.error = str(err)
         return result
-
 
     def _plan(self, recipe: Recipe):
         """The merge plan of ``recipe``: planned once per recipe structure (the search's
