@@ -78,9 +78,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=lambda: os.nice(19),  # idle CPU only: the tests that run meanwhile keep their speed
+            preexec_fn=_lowest_priority,  # idle CPU only: the tests that run meanwhile keep their speed
         )
     config.stash[DEMO_ZOO_BUILD] = (proc, work)
+
+
+def _lowest_priority() -> None:
+    """Run this (new-session) process on idle CPU only. Where the kernel groups processes
+    by session (``sched_autogroup``), a process's nice value only ranks it within its
+    session, and every session gets an equal share: the group's own nice value is set too
+    (measured: a kill test beside the build took 172 s with the process niced alone, 67 s
+    with its group niced, 55 s with no build)."""
+    os.nice(19)
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    try:
+        with open("/proc/self/autogroup", "w") as group:
+            group.write("19")
+    except OSError:
+        pass  # no autogroups here: the process's own priority is what counts
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

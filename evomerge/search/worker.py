@@ -27,6 +27,7 @@ from evomerge.operators.checkpoint import Checkpoint, TensorInfo, open_checkpoin
 from evomerge.operators.engine import load_inputs, merge_planned, tensor_seed
 from evomerge.operators.plan import build_plan, replan, structure
 from evomerge.operators.recipe import Recipe
+from evomerge.search.hostpeak import HostPeak
 from evomerge.search.split import split_by_layers, worker_devices
 
 
@@ -239,11 +240,12 @@ class MergeWorker:
         from evomerge.fitness.scoring import load_model, pick_device
         from evomerge.operators.recipe import DTYPES
 
-        self._start_bytes = _host_peak_bytes(reset=True)  # the process before the sources (imports and all)
         if spec.threads:
             torch.set_num_threads(spec.threads)  # after imports: a module may have set it
         self.spec = spec
         self.device = pick_device(spec.device)
+        # host memory above the process before the sources (imports and all); on the CPU only
+        self._host_peak = HostPeak() if self.device.type != "cuda" else None
         dtype = DTYPES[spec.dtype]
         if spec.stack:
             self.stacks = StackedModels({r: Path(p) for r, p in spec.sources.items()}, self.device, dtype)
@@ -279,10 +281,13 @@ class MergeWorker:
         self._stop_monitor = spec.monitor.start() if spec.monitor is not None else None
 
     def stop(self) -> None:
-        """Stop what started with the worker (its system-metrics logging); idempotent."""
+        """Stop what started with the worker (its system-metrics logging, a sampling
+        thread of its host peak); idempotent."""
         stop, self._stop_monitor = self._stop_monitor, None
         if stop is not None:
             stop()
+        if self._host_peak is not None:
+            self._host_peak.close()
 
     def evaluator(self, split: str | None) -> Evaluator:
         key = split or self._fitness.split
@@ -444,8 +449,8 @@ class MergeWorker:
         if self.device.type == "cuda":
             devices = getattr(self, "devices", [self.device])
             return max(torch.cuda.max_memory_allocated(d) for d in devices) / (1 << 30)
-        peak = _host_peak_bytes()
-        return None if peak is None or self._start_bytes is None else (peak - self._start_bytes) / (1 << 30)
+        peak = None if self._host_peak is None else self._host_peak.bytes()
+        return None if peak is None else peak / (1 << 30)
 
 
 def _contiguous(last: tuple[Any, Any, torch.Tensor], this: tuple[Any, Any, torch.Tensor]) -> bool:
@@ -490,23 +495,6 @@ def _merge_run(plan, run: list[tuple[Any, Any, torch.Tensor]], seed: int) -> Non
             return
     for pt, inputs, target in run:
         target.copy_(merge_planned(pt, plan, inputs, target.device, seed))
-
-
-def _host_peak_bytes(reset: bool = False) -> int | None:
-    """This process's peak resident memory (Linux ``VmHWM``; None where there is none);
-    with ``reset``, the peak is first brought down to what the process holds now (writing
-    5 to ``/proc/self/clear_refs``), so that a worker in a long-lived process measures its own."""
-    try:
-        if reset:
-            with open("/proc/self/clear_refs", "w") as refs:
-                refs.write("5")
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _arrived(item: tuple[Any, Any, Any, int], main) -> tuple[Any, Any]:

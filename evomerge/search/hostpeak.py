@@ -1,0 +1,88 @@
+"""A worker's peak host memory above its start, comparable with the memory plan.
+
+Linux keeps a process's peak resident memory (``VmHWM`` in ``/proc/self/status``) and
+lets a process bring it down to what it holds now (writing 5 to ``/proc/self/clear_refs``),
+so a worker measures its own peak exactly even inside a long-lived process. Some kernels
+and sandboxes keep the file but ignore the reset; there the peak is the most resident
+memory seen by a sampling thread (``/proc/self/statm``, every ``interval`` seconds), which
+can miss a spike shorter than the interval but never reports an earlier process's peak.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` field in bytes (its value is in kB), None where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _resident_bytes() -> int | None:
+    """What this process holds resident now (``/proc/self/statm``'s second field, in pages)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _reset_high_water_mark() -> bool:
+    """Bring ``VmHWM`` down to ``VmRSS``; True where the kernel did (checked, not assumed)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    hwm, rss = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+    # the two are read one after the other: allow what the process may touch in between
+    return hwm is not None and rss is not None and hwm <= rss + (4 << 20)
+
+
+class HostPeak:
+    """The peak resident memory of this process from its construction on (bytes above
+    what it held then); ``None`` on a system without ``/proc``."""
+
+    def __init__(self, interval: float = 0.002):
+        self._exact = _reset_high_water_mark()
+        self._start = _resident_bytes()
+        self._most = self._start or 0
+        self._stop = threading.Event()
+        if not self._exact and self._start is not None:
+            self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True, name="host-peak")
+            self._thread.start()
+
+    @property
+    def exact(self) -> bool:
+        """Whether the kernel's own high-water mark is used (else a sampled one)."""
+        return self._exact
+
+    def _sample(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            now = _resident_bytes()
+            if now is not None and now > self._most:
+                self._most = now
+
+    def bytes(self) -> int | None:
+        """The peak so far above the start."""
+        if self._start is None:
+            return None
+        if self._exact:
+            peak = _status_bytes("VmHWM")
+            return None if peak is None else max(0, peak - self._start)
+        now = _resident_bytes() or 0
+        return max(0, max(self._most, now) - self._start)
+
+    def close(self) -> None:
+        """Stop the sampling thread (where there is one)."""
+        self._stop.set()

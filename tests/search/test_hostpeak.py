@@ -1,0 +1,45 @@
+import time
+
+import pytest
+import torch
+
+from evomerge.search import hostpeak
+from evomerge.search.hostpeak import HostPeak
+
+MIB = 1 << 20
+
+
+def _touch(mib: int, hold: float = 0.05) -> None:
+    """Hold ``mib`` MiB resident for ``hold`` seconds, then free it."""
+    block = torch.ones(mib * MIB // 4)
+    time.sleep(hold)
+    del block
+
+
+@pytest.fixture(params=["kernel", "sampled"])
+def mode(request, monkeypatch):
+    if request.param == "sampled":  # a sandbox that ignores the reset
+        monkeypatch.setattr(hostpeak, "_reset_high_water_mark", lambda: False)
+    return request.param
+
+
+def test_the_peak_counts_what_came_after_the_start_and_not_before(mode):
+    _touch(400)  # an earlier peak of this process
+    peak = HostPeak()
+    try:
+        if mode == "sampled":
+            assert not peak.exact
+        first = peak.bytes()
+        assert first is not None and first < 300 * MIB  # the 400 MiB before the start is not counted
+        _touch(200)
+        assert peak.bytes() >= 190 * MIB  # freed since, still the peak
+    finally:
+        peak.close()
+
+
+def test_a_closed_sampler_stops_its_thread(monkeypatch):
+    monkeypatch.setattr(hostpeak, "_reset_high_water_mark", lambda: False)
+    peak = HostPeak()
+    peak.close()
+    peak._thread.join(timeout=5)
+    assert not peak._thread.is_alive()
