@@ -117,6 +117,10 @@ class ExperimentConfig(BaseModel):
     device_memory_gib: float | None = Field(None, gt=0)  # per worker; default: free memory at start
     # how long the workers may take to start (placed by Ray, sources loaded) before the run stops
     worker_start_timeout_s: float = Field(900.0, gt=0)
+    # where a Ray worker reads the source models: node, the driver's path where the node has
+    # it (shared storage) or the model's Hub id through the node's Hub cache; driver, copied
+    # from the driver through Ray's object store (small models, nodes without shared storage)
+    models_from: Literal["node", "driver"] = "node"
 
     # set by load(): the directory relative paths are resolved against
     source_dir: Path = Field(default=Path("."), exclude=True)

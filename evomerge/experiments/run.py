@@ -292,13 +292,34 @@ def make_dispatcher(prep: Prepared, options: RunOptions):
     cpus = None if options.ray_address else max(os.cpu_count() or 1, prep.workers * (prep.spec.threads or 1))
     init_ray(options.ray_address, cpus, env_vars=_worker_env())
     return RayDispatcher(
-        prep.spec,
+        for_nodes(prep),
         prep.workers,
         gpus=prep.gpus,
         gpus_per_worker=prep.spec.gpus_per_worker,
         job_timeout=prep.cfg.search.trial_timeout_s,
         start_timeout=prep.cfg.worker_start_timeout_s,
+        grow=prep.cfg.workers == "auto" and _cluster_address(options) is not None,
     )
+
+
+def for_nodes(prep: Prepared) -> WorkerSpec:
+    """The workers' spec as Ray workers on any node take it: the fitness's files shipped with
+    it (a node need not see the driver's paths), the Hub id of each source from the Hub cache
+    (resolved again on a node that lacks the driver's snapshot) and, with ``models_from:
+    driver``, every source's files."""
+    from evomerge.fitness.evaluate import fitness_files
+    from evomerge.operators.hub import portable_ref
+    from evomerge.shipping import Files
+
+    spec = prep.spec
+    data = fitness_files(
+        prep.cfg.fitness, zoo_root=Path(spec.zoo_root) if spec.zoo_root else None, base_dir=Path(spec.base_dir)
+    )
+    models = None
+    if prep.cfg.models_from == "driver":
+        models = {ref: Files.read([Path(path)]) for ref, path in spec.sources.items()}
+    hub = {ref: portable_ref(path) for ref, path in spec.sources.items() if portable_ref(path) != path}
+    return replace(spec, fitness_files=Files.read(data), shipped_models=models, hub_ids=hub)
 
 
 def run_jobs(dispatcher, jobs: list[Job]) -> dict[int, JobResult]:
@@ -380,7 +401,8 @@ def finalize(
         "sources": {c[1]: pair(scored[c, None], scored[c, "test"]) for c in candidates if c[0] == "source"},
         "baselines": {c[1]: pair(scored[c, None], scored[c, "test"]) for c in candidates if c[0] == "baseline"},
         "trials": _trial_counts(study),
-        **_session_figures(run, stats, prep.workers),
+        # the pool's size at the end (it grows as nodes join a cluster, with workers: auto)
+        **_session_figures(run, stats, max(prep.workers, getattr(dispatcher, "workers", 0))),
     }
     if prep.memory is not None:
         # beside the plan, the most a worker held on its device (the final scoring included)

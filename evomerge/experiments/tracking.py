@@ -159,7 +159,12 @@ class SystemMetrics:
     interval_s: float = 10.0
 
     def start(self) -> Callable[[], None]:
+        """Start logging; on a node that cannot see the driver's SQLite store (another
+        machine) nothing is logged: a store there would be a new, empty one."""
         import socket
+
+        if self.uri.startswith("sqlite:///") and not Path(self.uri[len("sqlite:///") :]).is_file():
+            return lambda: None
 
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
         from mlflow.tracking import MlflowClient

@@ -122,8 +122,12 @@ class Evaluator:
         seed: int = 0,
         split: str | None = None,
         backend: str | None = None,
+        files_root: Path | None = None,
     ):
+        """``files_root``: where the files this fitness reads were shipped to on this
+        machine (:func:`evomerge.shipping.mirrored` maps each path under it), else read in place."""
         self.cfg = cfg
+        self.files_root = files_root
         self.split = split or cfg.split
         self.backend = backend or cfg.backend
         self.zoo_root = zoo_root
@@ -143,12 +147,20 @@ class Evaluator:
         if self._zoo is None and self.zoo_root is not None:
             from evomerge.fitness.zoo import load_zoo
 
-            self._zoo = load_zoo(self.zoo_root)
+            self._zoo = load_zoo(self._local(self.zoo_root))
         return self._zoo
+
+    def _local(self, path: Path) -> Path:
+        """Where ``path`` (absolute, as the config resolves it) is read on this machine."""
+        if self.files_root is None:
+            return path
+        from evomerge.shipping import mirrored
+
+        return mirrored(self.files_root, path)
 
     def _path(self, p: str) -> Path:
         path = Path(p).expanduser()
-        return path if path.is_absolute() else self.base_dir / path
+        return self._local(path if path.is_absolute() else self.base_dir / path)
 
     def _resolve(self, name: str, spec: TaskSpec) -> None:
         zoo = self._zoo_manifest()
@@ -157,7 +169,8 @@ class Evaluator:
             task = spec.lm_eval or (str(self.zoo_root / zoo_task["lm_eval"]) if zoo_task and self.zoo_root else None)
             if task is None:
                 raise EvomergeError(f"fitness.tasks.{name}: no lm_eval task given and '{name}' is not a zoo task")
-            lm = LmEvalTask(str(self._path(task)) if task.endswith((".yaml", ".yml")) else task, spec.metric)
+            local = str(self._path(task)) if task.endswith((".yaml", ".yml")) else task
+            lm = LmEvalTask(local, spec.metric, self.files_root)
             self.lm_tasks[name] = lm
             if spec.data or zoo_task:
                 n = len(self._native_items(name, spec, zoo_task))
@@ -174,7 +187,7 @@ class Evaluator:
                 raise EvomergeError(f"fitness.tasks.{name}.data has no '{self.split}' split")
             return read_jsonl(self._path(spec.data[self.split]))
         if zoo_task is not None and self.zoo_root is not None:
-            return read_jsonl(self.zoo_root / zoo_task[self.split])
+            return read_jsonl(self._local(self.zoo_root / zoo_task[self.split]))
         raise EvomergeError(
             f"fitness.tasks.{name}: not a zoo task and no data: files given (the native backend needs JSONL data)"
         )
@@ -259,3 +272,34 @@ class Evaluator:
         if name not in self._encoded:
             self._encoded[name] = encode(tokenizer, [self.items[name][i] for i in self.order[name]])
         return self._encoded[name]
+
+
+def fitness_files(cfg: FitnessConfig, *, zoo_root: Path | None, base_dir: Path) -> list[Path]:
+    """Every file an :class:`Evaluator` of ``cfg`` may read, on any split (absolute paths,
+    as the config resolves them): what a worker on another machine needs shipped. Data
+    files, and for an lm-eval task YAML its folder's YAML files (lm-eval indexes them for
+    ``include``) and the local ``data_files`` it names; a zoo's manifest and task files.
+    An lm-eval task given by name is lm-eval's own (installed with it) and ships nothing."""
+    from evomerge.fitness.lmeval import local_files
+
+    def path(p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else base_dir / q
+
+    zoo = None
+    if zoo_root is not None and (zoo_root / "zoo.json").is_file():
+        from evomerge.fitness.zoo import load_zoo
+
+        zoo = load_zoo(zoo_root)
+    out: list[Path] = [zoo_root / "zoo.json"] if zoo is not None and zoo_root is not None else []
+    for name, spec in cfg.tasks.items():
+        out += [path(p) for p in (spec.data or {}).values()]
+        zoo_task = zoo["tasks"].get(name) if zoo is not None else None
+        yaml_task = spec.lm_eval if spec.lm_eval and spec.lm_eval.endswith((".yaml", ".yml")) else None
+        if zoo_task is not None and zoo_root is not None:
+            out += [zoo_root / zoo_task[s] for s in SPLITS if s in zoo_task]
+            if yaml_task is None and "lm_eval" in zoo_task:
+                yaml_task = str(zoo_root / zoo_task["lm_eval"])
+        if yaml_task is not None:
+            out += local_files(path(yaml_task))
+    return list(dict.fromkeys(out))

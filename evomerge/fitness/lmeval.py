@@ -24,6 +24,9 @@ class LmEvalTask:
 
     task: str
     metric: str = "acc"
+    # where the driver's files were shipped to on this machine (evomerge.shipping): the
+    # YAML's absolute local data_files are read there
+    files_root: Path | None = None
 
     @property
     def yaml_path(self) -> Path | None:
@@ -54,20 +57,56 @@ def _task_config(spec: LmEvalTask, split: str) -> dict | str:
     cfg["test_split"] = split
     kwargs = cfg.get("dataset_kwargs")
     if isinstance(kwargs, dict) and "data_files" in kwargs:  # local files: relative to the YAML, not the cwd
-        cfg["dataset_kwargs"] = {**kwargs, "data_files": _beside(path.parent, kwargs["data_files"])}
+        cfg["dataset_kwargs"] = {**kwargs, "data_files": _beside(path.parent, kwargs["data_files"], spec.files_root)}
     return cfg
 
 
-def _beside(folder: Path, files):
+def _beside(folder: Path, files, root: Path | None = None):
     """``data_files`` (a path, a list, or a mapping of splits to either) with relative
-    local paths made absolute against ``folder``; URLs and absolute paths unchanged."""
+    local paths made absolute against ``folder``; absolute ones mirrored under ``root``
+    when given (shipped from the driver), else unchanged; URLs unchanged."""
     if isinstance(files, dict):
-        return {k: _beside(folder, v) for k, v in files.items()}
+        return {k: _beside(folder, v, root) for k, v in files.items()}
     if isinstance(files, list):
-        return [_beside(folder, v) for v in files]
-    if isinstance(files, str) and "://" not in files and not Path(files).expanduser().is_absolute():
-        return str((folder / files).resolve())
+        return [_beside(folder, v, root) for v in files]
+    if isinstance(files, str) and "://" not in files:
+        path = Path(files).expanduser()
+        if not path.is_absolute():
+            return str((folder / files).resolve())
+        if root is not None:
+            from evomerge.shipping import mirrored
+
+            return str(mirrored(root, path))
     return files
+
+
+def local_files(path: Path) -> list[Path]:
+    """The files a task YAML at ``path`` reads on this machine: the YAML files of its folder
+    (lm-eval indexes the folder, for ``include``) and the local ``data_files`` of each
+    (relative ones beside the YAML); URLs and Hub data sets are not files."""
+    import yaml
+
+    out: list[Path] = []
+    folder = path.parent
+    yamls = sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml")) if folder.is_dir() else []
+    for file in dict.fromkeys([path, *yamls]):
+        out.append(file)
+        try:
+            cfg = yaml.safe_load(file.read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # named by whoever loads it
+        kwargs = cfg.get("dataset_kwargs") if isinstance(cfg, dict) else None
+        if isinstance(kwargs, dict) and "data_files" in kwargs:
+            out += [Path(f) for f in _flatten(_beside(file.parent, kwargs["data_files"])) if "://" not in f]
+    return out
+
+
+def _flatten(files) -> list[str]:
+    if isinstance(files, dict):
+        return [f for v in files.values() for f in _flatten(v)]
+    if isinstance(files, list):
+        return [f for v in files for f in _flatten(v)]
+    return [files] if isinstance(files, str) else []
 
 
 def document_count(spec: LmEvalTask, split: str) -> int:

@@ -10,14 +10,17 @@ its real start) has its actor killed and replaced, and comes back failed.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.search.worker import Job, JobResult, MergeWorker, WorkerSpec
+from evomerge.shipping import Files
 
 START_TIMEOUT_S = 900.0  # how long the pool waits for its actors to start (loading the sources included)
 
@@ -35,9 +38,12 @@ def init_ray(address: str | None, num_cpus: int | None, *, env_vars: dict[str, s
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": env_vars} if env_vars else None
+    runtime_env: dict[str, Any] | None = {"env_vars": env_vars} if env_vars else None
     if address:
         probe_address(address)
+        # evomerge itself travels with the job to nodes that lack it (its dependencies,
+        # torch and transformers, must be installed there)
+        runtime_env = {**(runtime_env or {}), "py_modules": [_package_dir()]}
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
         except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError ... here
@@ -52,6 +58,12 @@ def init_ray(address: str | None, num_cpus: int | None, *, env_vars: dict[str, s
             _node_ip_address="127.0.0.1",
             configure_logging=False,
         )
+
+
+def _package_dir() -> str:
+    import evomerge
+
+    return str(Path(evomerge.__file__).parent)
 
 
 def probe_address(address: str, timeout: float = 5.0) -> None:
@@ -101,17 +113,22 @@ class RayDispatcher:
         worker_cls: type = MergeWorker,
         queue_depth: int = 2,
         start_timeout: float = START_TIMEOUT_S,
+        grow: bool = False,
     ):
+        """``grow``: add workers while the search runs, as nodes join the cluster (``workers: auto``)."""
         import ray
 
         self.ray = ray
-        self.spec = spec
+        self.spec = spec = _stored(ray, spec)
         self.workers = workers
         self.job_timeout = job_timeout
         self.start_timeout = start_timeout
         self.max_retries = max_retries
-        # replacement actors still loading their sources: id(actor) -> (ready ref, asked at)
-        self.starting: dict[int, tuple[Any, float]] = {}
+        # slots whose replacement actor is still starting (placed by Ray, loading its sources):
+        # slot -> (its ready ref, asked at). A starting actor gets no job: where the cluster
+        # lost the node, it waits for room (a node that joins) while the others work on
+        self.pending: dict[int, tuple[Any, float]] = {}
+        self.start_failures = 0
         cpus = spec.threads or 1
         self.nodes: dict[int, str | None] = {}
         self.node_refs: dict[int, Any] = {}
@@ -127,6 +144,8 @@ class RayDispatcher:
         self.actors: list[Any] = [self._start() for _ in range(workers)]
         self._await_ready(need, start_timeout)  # the search clock starts with the pool ready
         self.free: list[int] = [slot for _ in range(queue_depth) for slot in range(workers)]
+        self.queue_depth, self.grow, self.need = queue_depth, grow, need
+        self._grown_at = time.monotonic()
         self.running: dict[Any, _Running] = {}
         self.retry: list[Job] = []
         self.replaced = 0
@@ -155,10 +174,15 @@ class RayDispatcher:
             raise EvomergeError(f"workers: a worker could not start: {_last_line(err)}") from None
 
     def idle(self) -> int:
-        return len(self.free) - len(self.retry)
+        return len(self._usable()) - len(self.retry)
+
+    def _usable(self) -> list[int]:
+        """Free slots whose actor is up (not a replacement still starting)."""
+        return [slot for slot in self.free if slot not in self.pending]
 
     def submit(self, job: Job) -> None:
-        slot = self.free.pop(0)
+        slot = self._usable()[0]
+        self.free.remove(slot)
         actor = self.actors[slot]
         ref = actor.run.remote(job)
         self.running[ref] = _Running(job, actor, slot, time.monotonic())
@@ -168,32 +192,89 @@ class RayDispatcher:
         if actor not in self.actors:
             return
         slot = self.actors.index(actor)
-        self.starting.pop(id(actor), None)
         try:
             self.ray.kill(actor, no_restart=True)
         except Exception:
             pass
         fresh = self._start()
-        self.starting[id(fresh)] = (fresh.ready.remote(), time.monotonic())
+        self.pending[slot] = (fresh.ready.remote(), time.monotonic())
         self.actors[slot] = fresh
         self.replaced += 1
 
-    def wait(self, timeout: float | None = None) -> list[JobResult]:
-        while self.retry and self.free:
+    def _resubmit(self) -> None:
+        while self.retry and self._usable():
             self.submit(self.retry.pop(0))
-        if not self.running:
+
+    def wait(self, timeout: float | None = None) -> list[JobResult]:
+        """Results that came in within ``timeout`` (at least one, unless the time ran out,
+        nothing is running, or a replacement worker came up and can take a job)."""
+        self._grow()
+        self._started()
+        self._resubmit()
+        if not self.running and not self.pending:
             return []
         step = 1.0 if timeout is None else min(timeout, 1.0)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            done, _ = self.ray.wait(list(self.running), num_returns=1, timeout=step)
-            results = [self._collect(ref) for ref in done]
+            readying = [ref for ref, _ in self.pending.values()]
+            done, _ = self.ray.wait([*self.running, *readying], num_returns=1, timeout=step)
+            results = [self._collect(ref) for ref in done if ref in self.running]
             results += self._expire()
+            came_up = self._started()
             finished = [r for r in results if r is not None]
-            while self.retry and self.free:
-                self.submit(self.retry.pop(0))
-            if finished or (deadline is not None and time.monotonic() >= deadline) or not self.running:
+            self._resubmit()
+            if finished or came_up or (deadline is not None and time.monotonic() >= deadline):
                 return finished
+            if not self.running and not self.pending:
+                return finished
+
+    def _grow(self, every: float = 5.0) -> None:
+        """With ``grow``, start a worker for each one that the cluster's alive nodes hold
+        beyond the pool (a node that joined); it takes jobs once it is up."""
+        if not self.grow or time.monotonic() - self._grown_at < every:
+            return
+        self._grown_at = time.monotonic()
+        from evomerge.search.placement import cluster_nodes
+
+        unit = self.need.get("GPU") or self.need["CPU"]
+        key = "gpus" if "GPU" in self.need else "cpus"
+        holds = sum(math.floor(getattr(n, key) / unit) for n in cluster_nodes(self.ray.nodes()))
+        while len(self.actors) < holds:
+            slot = len(self.actors)
+            fresh = self._start()
+            self.actors.append(fresh)
+            self.pending[slot] = (fresh.ready.remote(), time.monotonic())
+            self.free += [slot] * self.queue_depth
+            self.workers += 1
+
+    def _started(self) -> bool:
+        """Take in the replacement actors that came up (True if any did). One that failed to
+        start is replaced again, a bounded number of times; a pool left with no worker up
+        for longer than the start timeout is one clear error, never an endless wait."""
+        came_up = False
+        for slot, (ref, asked) in list(self.pending.items()):
+            done, _ = self.ray.wait([ref], num_returns=1, timeout=0)
+            if not done:
+                if len(self.pending) == self.workers and time.monotonic() - asked > self.start_timeout:
+                    self.close()
+                    raise EvomergeError(
+                        f"workers: no worker could be started again within {self.start_timeout:.0f} s after the "
+                        "workers were lost (the Ray cluster has no node left for them)"
+                    )
+                continue
+            try:
+                self.ray.get(ref)
+            except self.ray.exceptions.RayError as err:
+                self.start_failures += 1
+                if self.start_failures > 2 * self.workers:
+                    self.close()
+                    raise EvomergeError(f"workers: a replacement worker could not start: {_last_line(err)}") from None
+                del self.pending[slot]
+                self._replace(self.actors[slot])
+                continue
+            del self.pending[slot]
+            came_up = True
+        return came_up
 
     def _collect(self, ref) -> JobResult | None:
         run = self.running.pop(ref)
@@ -229,20 +310,6 @@ class RayDispatcher:
             nxt = min(queued, key=lambda r: r.started)
             nxt.started = max(nxt.started, time.monotonic())
 
-    def _still_starting(self, run: _Running, now: float) -> bool:
-        """Whether ``run``'s actor is a replacement still loading its sources: its job's
-        clock starts when the actor is ready (bounded by the start timeout, then it counts)."""
-        entry = self.starting.get(id(run.actor))
-        if entry is None:
-            return False
-        ref, asked = entry
-        done, _ = self.ray.wait([ref], num_returns=1, timeout=0)
-        if done or now - asked > self.start_timeout:
-            del self.starting[id(run.actor)]
-            run.started = max(run.started, now)
-            return False
-        return True
-
     def _expire(self) -> list[JobResult]:
         now = time.monotonic()
         out = []
@@ -253,8 +320,6 @@ class RayDispatcher:
                 executing[key] = ref
         for ref in list(executing.values()):
             run = self.running[ref]
-            if self._still_starting(run, now):
-                continue
             if now - run.started > self.job_timeout:
                 self.running.pop(ref)
                 self._replace(run.actor)
@@ -275,6 +340,28 @@ class RayDispatcher:
                 self.ray.kill(actor, no_restart=True)
             except Exception:
                 pass
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Files kept once in Ray's object store; each worker loads them on its node."""
+
+    ref: Any
+
+    def load(self) -> Files:
+        import ray
+
+        return ray.get(self.ref)
+
+
+def _stored(ray, spec: WorkerSpec) -> WorkerSpec:
+    """``spec`` with its shipped files put in the object store once, not copied into every
+    actor's arguments."""
+    files = _Stored(ray.put(spec.fitness_files)) if isinstance(spec.fitness_files, Files) else spec.fitness_files
+    models = spec.shipped_models
+    if models:
+        models = {ref: _Stored(ray.put(f)) if isinstance(f, Files) else f for ref, f in models.items()}
+    return replace(spec, fitness_files=files, shipped_models=models)
 
 
 def _node_id(_worker) -> str:

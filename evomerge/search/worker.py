@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import socket
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from evomerge.operators.plan import build_plan, replan, structure
 from evomerge.operators.recipe import Recipe
 from evomerge.search.hostpeak import HostPeak
 from evomerge.search.split import split_by_layers, worker_devices
+from evomerge.shipping import fetch, mirrored
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,12 @@ class WorkerSpec:
     read_ahead: int = 256 << 20  # streamed: bytes copied ahead of the merge at most
     gpus_per_worker: int = 1  # devices the resident model is split over by layers (evomerge.search.split)
     stack: bool = False  # candidates are layer stacks (passthrough slices), evaluated without merging weights
+    # for a node that cannot see the driver's paths (evomerge.shipping): the fitness's files,
+    # and with ``models_from: driver`` each source's files, as Files or a stored handle of them
+    fitness_files: Any = None
+    shipped_models: dict[str, Any] | None = None
+    # sources named by a Hub id: resolved through this node's Hub cache when their driver path is not here
+    hub_ids: dict[str, str] = field(default_factory=dict)
     # started with the worker, stopped by ``stop``: an object whose ``start()`` returns a stop
     # function (the experiment's system-metrics logging); the worker knows nothing more of it
     monitor: Any = None
@@ -242,7 +250,9 @@ class MergeWorker:
 
         if spec.threads:
             torch.set_num_threads(spec.threads)  # after imports: a module may have set it
+        spec = replace(spec, sources=local_sources(spec))
         self.spec = spec
+        self._files_root = fetch(spec.fitness_files).materialize() if spec.fitness_files is not None else None
         self.device = pick_device(spec.device)
         # host memory above the process before the sources (imports and all); on the CPU only
         self._host_peak = HostPeak() if self.device.type != "cuda" else None
@@ -298,6 +308,7 @@ class MergeWorker:
                 base_dir=Path(self.spec.base_dir),
                 seed=self.spec.seed,
                 split=key,
+                files_root=self._files_root,
             )
         return self._evaluators[key]
 
@@ -451,6 +462,28 @@ class MergeWorker:
             return max(torch.cuda.max_memory_allocated(d) for d in devices) / (1 << 30)
         peak = None if self._host_peak is None else self._host_peak.bytes()
         return None if peak is None else peak / (1 << 30)
+
+
+def local_sources(spec: WorkerSpec) -> dict[str, str]:
+    """Each source's directory on this node: the files shipped from the driver (``models_from:
+    driver``), else the driver's path where this node has it, else its Hub id resolved
+    through this node's Hub cache; a source found none of these ways is one line naming it."""
+    from evomerge.operators.hub import parse_hub_id, resolve_hub_id
+
+    out = {}
+    for ref, path in spec.sources.items():
+        if spec.shipped_models and ref in spec.shipped_models:
+            out[ref] = str(mirrored(fetch(spec.shipped_models[ref]).materialize(), Path(path)))
+        elif Path(path).exists():
+            out[ref] = path
+        elif (hub := parse_hub_id(spec.hub_ids.get(ref, ""))) is not None:
+            out[ref] = str(resolve_hub_id(hub))
+        else:
+            raise EvomergeError(
+                f"models: '{ref}': {path} is not on node {socket.gethostname()} (put it on storage every node "
+                "sees, name it by a Hub id, or set models_from: driver to ship it from the driver)"
+            )
+    return out
 
 
 def _contiguous(last: tuple[Any, Any, torch.Tensor], this: tuple[Any, Any, torch.Tensor]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,48 @@ def test_native_matches_lm_eval_per_sample(model_and_items, tmp_path):
     pick = order[:50]
     lm = LmEvalScorer(model, tok, batch_size=32).score({"t": LmEvalTask(str(yaml_path))}, "test", {"t": pick})
     assert [v >= 0.5 for v in lm["t"]] == [native[i] for i in pick]
+
+
+def test_an_evaluator_reads_the_files_shipped_to_its_node(tiny_zoo, tmp_path):
+    """Everything a fitness reads, shipped and mirrored on a node that lacks the driver's
+    directories, gives the same items (a zoo's tasks; JSONL data; an lm-eval YAML task
+    with its folder and its relative and absolute data files)."""
+    import shutil
+
+    import yaml
+
+    from evomerge.fitness.evaluate import Evaluator, FitnessConfig, fitness_files
+    from evomerge.fitness.lmeval import LmEvalTask, _task_config
+    from evomerge.shipping import Files, mirrored
+
+    zoo = tmp_path / "driver" / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    data = tmp_path / "driver" / "cfg" / "data"
+    data.mkdir(parents=True)
+    shutil.copy(zoo / "data" / "cp.search.jsonl", data / "mine.jsonl")
+    (data / "task.yaml").write_text(yaml.safe_dump({
+        "task": "mine", "dataset_path": "json", "output_type": "multiple_choice",
+        "dataset_kwargs": {"data_files": {"search": "mine.jsonl", "test": str(zoo / "data" / "cp.test.jsonl")}},
+    }))  # fmt: skip
+    (data / "other.yaml").write_text("task: other\n")
+    cfg = FitnessConfig.model_validate(
+        {"tasks": {"cp": {}, "rev": {}, "mine": {"data": {"search": "data/mine.jsonl"}}}, "samples": 10}
+    )
+    base = tmp_path / "driver" / "cfg"
+    wanted = fitness_files(cfg, zoo_root=zoo, base_dir=base)
+    assert zoo / "zoo.json" in wanted and zoo / "data" / "cp.validation.jsonl" in wanted
+    assert data / "mine.jsonl" in wanted and not any(p.suffix == ".safetensors" for p in wanted)
+    lm = FitnessConfig.model_validate({"tasks": {"mine": {"lm_eval": "data/task.yaml"}}, "backend": "lm-eval"})
+    lm_files = fitness_files(lm, zoo_root=None, base_dir=base)
+    assert {data / "task.yaml", data / "other.yaml", data / "mine.jsonl", zoo / "data" / "cp.test.jsonl"} <= set(
+        lm_files
+    )
+
+    before = Evaluator(cfg, zoo_root=zoo, base_dir=base, seed=1)
+    root = Files.read(wanted + lm_files).materialize(tmp_path / "node")
+    shutil.rmtree(tmp_path / "driver")
+    after = Evaluator(cfg, zoo_root=zoo, base_dir=base, seed=1, files_root=root)
+    assert after.items == before.items and after.order == before.order
+    shipped = _task_config(LmEvalTask(str(mirrored(root, data / "task.yaml")), files_root=root), "search")
+    files = shipped["dataset_kwargs"]["data_files"]
+    assert all(str(f).startswith(str(root)) and Path(f).is_file() for f in files.values()), files

@@ -64,8 +64,8 @@ def test_workers_this_machine_cannot_hold_are_one_line_and_write_nothing(tiny_zo
 @pytest.fixture
 def ray_head():
     """A Ray cluster of its own (one node, 1 CPU, no GPU) started with `ray start`; torn down after."""
-    with ray_cluster(workers=0) as address:
-        yield address
+    with ray_cluster(workers=0) as cluster:
+        yield cluster.address
 
 
 def test_an_unreachable_ray_address_is_one_line_at_once(tiny_zoo, tmp_path):

@@ -1,18 +1,29 @@
 """A search on a real multi-node Ray cluster: a head and two worker nodes started with
 `ray start` on this machine (each its own raylet, one CPU each), `evomerge run
 --ray-address` against it. The workers spread over the nodes, and `summary.json` says
-which nodes ran trials and how busy each was."""
+which nodes ran trials and how busy each was. One worker node cannot see the driver's
+directories (the zoo, the config's folder, the evomerge package): the models come from
+the driver (``models_from: driver``), the fitness data and evomerge with the job."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from ..cli import run_cli
-from .common import cli_env, ray_cluster, write_experiment
+from .common import ROOT, cli_env, complete_trials, ray_cluster, write_experiment
 
 pytestmark = pytest.mark.slow
+
+# the search's budget in time (its trials take a fraction of a second): long enough for two
+# nodes to start and their workers to load on a loaded machine after the loss
+MINUTES = 1.5
 
 
 def test_a_search_on_a_three_node_cluster_uses_several_nodes(tiny_zoo, tmp_path):
@@ -20,10 +31,12 @@ def test_a_search_on_a_three_node_cluster_uses_several_nodes(tiny_zoo, tmp_path)
     path = write_experiment(
         tiny_zoo, tmp_path / "exp.yaml", name="cluster", merge=merge, search={"trials": 6}, samples=20, workers="auto"
     )
+    path.write_text(path.read_text() + "models_from: driver\n")
     run = tmp_path / "run"
     env = cli_env(tmp_path / "mlflow.db")
-    with ray_cluster(workers=2) as address:
-        res = run_cli("run", str(path), "--out", str(run), "--ray-address", address, "--quiet", env=env, timeout=600)
+    with ray_cluster(workers=2, hide=[tiny_zoo.parent, tmp_path, ROOT / "evomerge"]) as cluster:
+        args = ["run", str(path), "--out", str(run), "--ray-address", cluster.address, "--quiet"]
+        res = run_cli(*args, env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         status = run_cli("status", str(run), env=env)
     summary = json.loads((run / "summary.json").read_text())
@@ -32,5 +45,48 @@ def test_a_search_on_a_three_node_cluster_uses_several_nodes(tiny_zoo, tmp_path)
     # worker of one thread on each of the three one-CPU nodes
     assert (summary["workers"], summary["nodes"]) == (3, 3), summary
     busy = summary["node_busy_fraction"]
-    assert len(busy) == 3 and all(0 < fraction <= 1.0 for fraction in busy.values())
+    assert len(busy) == 3 and all(0 < fraction <= 1.0 for fraction in busy.values())  # the hidden node's too
     assert status.returncode == 0 and "ray nodes: 3 (" in status.stdout
+
+
+def test_a_lost_node_costs_no_trial_and_a_node_that_joins_gets_work(tiny_zoo, tmp_path):
+    """kill -9 of a worker node (its raylet and the worker on it) mid-search: the trials it
+    held are run again on the nodes left, the budget is met with none lost or counted
+    twice; two nodes join mid-search: the lost worker's replacement, waiting for room,
+    starts on one, and the pool (``workers: auto``) grows onto the other."""
+    dare = {"method": "dare_linear", "parameters": {"weight": {"low": 0.0, "high": 1.5}, "density": 0.7}}
+    search = {"trials": None, "timeout_minutes": MINUTES}
+    path = write_experiment(
+        tiny_zoo, tmp_path / "exp.yaml", name="lost", merge=dare, search=search, samples=60, workers="auto"
+    )
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "evomerge.cli", "run", str(path), "--out", str(run), "--quiet"]
+    with ray_cluster(workers=2) as cluster:
+        proc = subprocess.Popen(
+            [*cmd, "--ray-address", cluster.address], env=cli_env(tmp_path / "mlflow.db"),
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while complete_trials(run) < 3:  # the three workers are up and busy
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]  # type: ignore[union-attr]
+                time.sleep(0.2)
+            cluster.kill(cluster.nodes[-1])
+            lost_at = time.monotonic()
+            cluster.add_worker()
+            cluster.add_worker()
+            joined = time.monotonic() - lost_at
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    summary = json.loads((run / "summary.json").read_text())
+    assert joined < MINUTES * 60 / 2, f"the nodes took {joined:.0f} s to join: the search may end before they work"
+    trials = summary["trials"]
+    assert trials["complete"] > 20, trials
+    assert trials == {"complete": trials["complete"], "pruned": 0, "failed": 0, "interrupted": 0}
+    # trials ran on the lost node, the two that stayed, and the two that joined
+    figures = {k: summary[k] for k in ("trials", "wall_seconds", "workers", "nodes", "node_busy_fraction")}
+    assert summary["nodes"] == 5 and len(summary["node_busy_fraction"]) == 5, figures
+    assert summary["workers"] == 4  # three at the start, one more when the cluster grew

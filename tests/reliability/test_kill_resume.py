@@ -20,7 +20,7 @@ import pytest
 
 from evomerge.search.loop import is_interrupted, origin_of
 
-from .common import cli_env, write_experiment
+from .common import cli_env, complete_trials, write_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +112,7 @@ def test_kill_9_mid_search_then_resume(tiny_zoo, tmp_path):
     cmd = [sys.executable, "-m", "evomerge.cli", "run", str(path), "--out", str(run), "--quiet"]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while _complete(run) < 5:
+    while complete_trials(run) < 5:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
         assert time.monotonic() < deadline, "the search made no progress"
         time.sleep(0.2)
@@ -160,29 +160,11 @@ def test_kill_9_at_chosen_moments_then_resume(tiny_zoo, tmp_path):
         assert retry.state.name == "COMPLETE"
 
 
-def _complete(run: Path) -> int:
-    """Complete trials, read without Optuna (whose first open of a storage that the run is
-    still creating races it for the schema) and without writing."""
-    import sqlite3
-
-    db = run / "study.db"
-    if not db.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=5)
-        try:
-            return con.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
-
-
 def _run_until(cmd: list[str], env: dict[str, str], run: Path, complete: int) -> None:
     """Start ``cmd`` in its own process group; kill -9 the group once ``complete`` trials are."""
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
-    while _complete(run) < complete:
+    while complete_trials(run) < complete:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
         assert time.monotonic() < deadline, "the search made no progress"
         time.sleep(0.1)

@@ -9,12 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from .common import cli_env, write_experiment
+from .common import cli_env, complete_trials, write_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +44,7 @@ def test_actor_killed_mid_candidate_is_replaced_and_the_search_finishes(tiny_zoo
         while victim is None:  # the actor, once it is busy with a trial after the first one
             assert proc.poll() is None and time.monotonic() < deadline
             busy = [a for a in _actors(driver) if ".run" in a.name() or a.cpu_percent(0.05) > 20]
-            victim = busy[0] if busy and list(run.glob("study.db")) and _complete(run) >= 2 else None
+            victim = busy[0] if busy and list(run.glob("study.db")) and complete_trials(run) >= 2 else None
             time.sleep(0.1)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
@@ -61,13 +60,3 @@ def test_actor_killed_mid_candidate_is_replaced_and_the_search_finishes(tiny_zoo
     # the killed trial was retried, not lost
     assert summary["trials"] == {"complete": 20, "pruned": 0, "failed": 0, "interrupted": 0}
 
-
-def _complete(run: Path) -> int:
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        study = optuna.load_study(study_name="actor-killed", storage=f"sqlite:///{run / 'study.db'}")
-    except Exception:  # not created yet, or busy
-        return 0
-    return len([t for t in study.trials if t.state.name == "COMPLETE"])

@@ -67,7 +67,9 @@ def test_streamed_sources_give_the_resident_trial_values_bit_for_bit(tiny_cfg, t
         summary = json.loads((tmp_path / placement / "summary.json").read_text())
         assert summary["memory"]["placement"] == placement and summary["memory"]["device"] == "cpu"
         assert summary["memory"]["device_gib"] > 0
-        assert summary["memory"]["peak_gib"] > 0  # measured in the worker, beside the plan
+        # measured in the worker, beside the plan: in this long-lived process a tiny model may
+        # fit in memory the process already holds (tests/search/test_hostpeak.py: the measure)
+        assert summary["memory"]["peak_gib"] is not None and summary["memory"]["peak_gib"] >= 0
         import optuna
 
         study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{tmp_path / placement / 'study.db'}")

@@ -76,3 +76,35 @@ def test_runs_of_tensors_sharing_parameters_merge_as_one_with_the_same_bits(tiny
             assert 1 < len(runs) < n  # broken at the layers, whose weights differ
         else:
             assert runs == [1] * n
+
+
+def test_a_worker_on_a_node_without_the_drivers_paths_scores_what_was_shipped(tiny_zoo, tmp_path):
+    """The sources and the fitness's files shipped from the driver (``models_from: driver``),
+    on a node that cannot see the driver's directories: the same fitness, bit for bit, as a
+    worker reading them in place; without them, one line naming the source and the node."""
+    import shutil
+    from dataclasses import replace
+
+    import pytest
+
+    from evomerge.errors import EvomergeError
+    from evomerge.experiments.run import for_nodes, prepare
+    from evomerge.search.worker import Job, MergeWorker
+    from tests.search.conftest import tiny_config
+
+    zoo = tmp_path / "driver" / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    cfg = tiny_config(zoo, models_from="driver")
+    prep = prepare(cfg, log=lambda _: None)
+    recipe = {"merge_method": "task_arithmetic", "base_model": "zoo:base",
+              "models": [{"model": m, "parameters": {"weight": 0.7}} for m in cfg.models]}  # fmt: skip
+    job = Job(0, recipe, seed=3)
+    in_place = MergeWorker(prep.spec).run(job)
+    spec = for_nodes(prep)
+    shutil.rmtree(tmp_path / "driver")
+    shipped = MergeWorker(spec).run(job)
+    assert in_place.error is None and shipped.error is None, shipped.error
+    assert shipped.value == in_place.value and shipped.per_sample == in_place.per_sample
+
+    with pytest.raises(EvomergeError, match=r"models: 'zoo:base': .* is not on node .*models_from: driver"):
+        MergeWorker(replace(spec, shipped_models=None))
