@@ -129,6 +129,8 @@ class RayDispatcher:
         # lost the node, it waits for room (a node that joins) while the others work on
         self.pending: dict[int, tuple[Any, float]] = {}
         self.start_failures = 0
+        # id(an actor that died) -> (the actor, kept so that its id is not reused; the job it was running)
+        self.culprits: dict[int, tuple[Any, int]] = {}
         cpus = spec.threads or 1
         self.nodes: dict[int, str | None] = {}
         self.node_refs: dict[int, Any] = {}
@@ -285,13 +287,24 @@ class RayDispatcher:
             result.node = self._node(run.actor)
             return result
         except self.ray.exceptions.RayActorError:
+            # only the job the actor was running counts the death as its own attempt: the
+            # jobs queued behind it run again as they were
+            culprit = self._culprit(run) == run.job.key
             self._replace(run.actor)
-            if run.job.attempt < self.max_retries:
-                self.retry.append(replace(run.job, attempt=run.job.attempt + 1))
+            if not culprit or run.job.attempt < self.max_retries:
+                self.retry.append(replace(run.job, attempt=run.job.attempt + int(culprit)))
                 return None
             return JobResult(run.job.key, error="worker died twice", fraction=run.job.fraction, split=run.job.split)
         except self.ray.exceptions.RayTaskError as err:
             return JobResult(run.job.key, error=str(err).strip().splitlines()[-1], fraction=run.job.fraction)
+
+    def _culprit(self, run: _Running) -> int:
+        """The key of the job that ``run``'s actor was running when it died (its oldest)."""
+        key = id(run.actor)
+        if key not in self.culprits or self.culprits[key][0] is not run.actor:
+            same = [r for r in self.running.values() if r.actor is run.actor] + [run]
+            self.culprits[key] = (run.actor, min(same, key=lambda r: r.started).job.key)
+        return self.culprits[key][1]
 
     def _node(self, actor) -> str | None:
         """The Ray node an actor lives on (its answer to the question asked at its start)."""
@@ -322,6 +335,7 @@ class RayDispatcher:
             run = self.running[ref]
             if now - run.started > self.job_timeout:
                 self.running.pop(ref)
+                self.culprits[id(run.actor)] = (run.actor, run.job.key)  # the jobs queued behind it are not at fault
                 self._replace(run.actor)
                 self.free.append(run.slot)
                 msg = f"timed out after {self.job_timeout:.0f} s"
