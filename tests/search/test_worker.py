@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from evomerge.operators.engine import load_inputs
@@ -108,3 +110,27 @@ def test_a_worker_on_a_node_without_the_drivers_paths_scores_what_was_shipped(ti
 
     with pytest.raises(EvomergeError, match=r"models: 'zoo:base': .* is not on node .*models_from: driver"):
         MergeWorker(replace(spec, shipped_models=None))
+
+
+def test_a_source_the_node_lacks_resolves_by_its_hub_id_in_the_nodes_cache(family, tmp_path, monkeypatch):
+    """A source the driver took from its Hub cache travels as ``org/name@<commit>``: a node
+    without the driver's snapshot path finds it through its own Hub cache, offline."""
+    from evomerge.operators.hub import hub_origin
+    from evomerge.search.worker import WorkerSpec, local_sources
+    from evomerge.testing import populate_hub_cache
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    node_cache = tmp_path / "node-hf" / "hub"
+    populate_hub_cache(node_cache, "acme/tuned-1m", family[1], commit=commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "node-hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    driver_path = str(tmp_path / "driver-hf" / "hub" / "models--acme--tuned-1m" / "snapshots" / commit)
+    spec = WorkerSpec(
+        sources={"tuned": driver_path, "base": str(family[0])}, model_ref="base", fitness={}, zoo_root=None,
+        base_dir=str(tmp_path), seed=0, hub_ids={"tuned": f"acme/tuned-1m@{commit}"},
+    )  # fmt: skip
+    local = local_sources(spec)
+    assert local["base"] == str(family[0])  # a path this node has is read in place
+    assert hub_origin(Path(local["tuned"])) == ("acme/tuned-1m", commit)
+    assert Path(local["tuned"]).is_relative_to(node_cache)
