@@ -7,6 +7,16 @@ small against the weights as in real fine-tunes.
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -101,3 +111,88 @@ def populate_hub_cache(cache: Path, repo_id: str, model_dir: Path, *, commit: st
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / branch).write_text(commit)
     return snapshot
+
+
+class RayCluster:
+    """A real Ray cluster on this machine, for tests and benchmarks: a head and worker
+    nodes, each its own raylet started with `ray start --block` in a process group of its
+    own, ``cpus`` CPUs and no GPU each, in the environment ``env``. A worker node started
+    with ``hide`` runs in a mount namespace of its own (`unshare -m`, as root) with an
+    empty tmpfs over each of those directories: a machine that cannot see them."""
+
+    def __init__(self, cpus: int = 1, env: dict[str, str] | None = None):
+        self.env = env
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        local = Path(sys.executable).parent / "ray"  # the ray of this interpreter's environment
+        self.exe = str(local) if local.is_file() else "ray"
+        self.common = ["--num-cpus", str(cpus), "--num-gpus", "0", "--disable-usage-stats", "--block"]
+        self.nodes: list[subprocess.Popen] = []
+        self.logs = Path(tempfile.mkdtemp(prefix="evomerge-ray-nodes-"))
+
+    def _start(self, cmd: list[str]) -> subprocess.Popen:
+        # each node's agent ports named up front: a raylet waits for a dynamic port's file
+        # only so long, and on a loaded machine its agent may not write it in time (the
+        # raylet then exits: "Timed out waiting for file .../metrics_agent_port_...")
+        ports = ["--dashboard-agent-grpc-port", "--dashboard-agent-listen-port", "--metrics-export-port"]
+        cmd = [*cmd, *(arg for flag in ports for arg in (flag, str(free_port())))]
+        with open(self.logs / f"node{len(self.nodes)}.log", "w") as out:  # `ray start`'s own words, for a failure
+            node = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=out, stderr=out)
+        self.nodes.append(node)
+        return node
+
+    def said(self) -> str:
+        return "".join(f"\n--- {f.name}:\n" + f.read_text()[-1500:] for f in sorted(self.logs.glob("node*.log")))
+
+    def start_head(self) -> None:
+        head = [self.exe, "start", "--head", "--port", str(self.port), "--node-ip-address", "127.0.0.1"]
+        node = self._start([*head, "--include-dashboard=false", *self.common])
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if node.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("ray start did not come up" + self.said()) from None
+                time.sleep(0.5)
+
+    def add_worker(self, hide: Sequence[Path] = ()) -> subprocess.Popen:
+        """Start a worker node and wait until the cluster knows it (one at a time: raylets
+        starting at once on 2 cores miss Ray's 30 s registration limit)."""
+        cmd = [self.exe, "start", "--address", self.address, *self.common]
+        if hide:
+            mounts = " && ".join(f"mount -t tmpfs evomerge-hidden {shlex.quote(str(d))}" for d in hide)
+            cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh", *cmd]
+        node = self._start(cmd)
+        registered = self.logs / f"node{len(self.nodes) - 1}.log"
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in registered.read_text():  # printed once the GCS knows the node
+            if node.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("a Ray node did not start" + self.said())
+            time.sleep(0.5)
+        return node
+
+    def kill(self, node: subprocess.Popen) -> None:
+        """kill -9 of a node: its raylet, its workers and everything else it started."""
+        try:
+            os.killpg(node.pid, signal.SIGKILL)  # a node's raylet and workers share its process group
+        except ProcessLookupError:
+            pass
+        node.wait()
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            self.kill(node)
+        # `ray start` records its cluster for later `ray.init()` calls to join; it is gone now
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{self.port}"):
+            current.unlink()
+        shutil.rmtree(self.logs, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from evomerge.testing import free_port
+
 from ..cli import one_line_error, run_cli
-from .common import cli_env, free_port, ray_cluster, write_experiment
+from .common import cli_env, ray_cluster, write_experiment
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from .common import cli_env, free_port
+from evomerge.testing import free_port
+
+from .common import cli_env
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from .common import free_port
+from evomerge.testing import free_port
 
 pytestmark = pytest.mark.slow
 
