@@ -157,21 +157,30 @@ class RayCluster:
                     raise RuntimeError("ray start did not come up" + self.said()) from None
                 time.sleep(0.5)
 
-    def add_worker(self, hide: Sequence[Path] = ()) -> subprocess.Popen:
-        """Start a worker node and wait until the cluster knows it (one at a time: raylets
-        starting at once on 2 cores miss Ray's 30 s registration limit)."""
-        cmd = [self.exe, "start", "--address", self.address, *self.common]
+    def add_worker(self, hide: Sequence[Path] = (), cpus: int | None = None, tries: int = 3) -> subprocess.Popen:
+        """Start a worker node (``cpus`` CPUs, else the cluster's count) and wait until the
+        cluster knows it. One at a time, and started again when `ray start` gives up: Ray
+        allows a raylet a fixed 30 s to register, which a loaded 2-core machine can miss
+        ("The current node timed out during startup")."""
+        common = list(self.common)
+        if cpus is not None:
+            common[common.index("--num-cpus") + 1] = str(cpus)
+        cmd = [self.exe, "start", "--address", self.address, *common]
         if hide:
             mounts = " && ".join(f"mount -t tmpfs evomerge-hidden {shlex.quote(str(d))}" for d in hide)
             cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh", *cmd]
-        node = self._start(cmd)
-        registered = self.logs / f"node{len(self.nodes) - 1}.log"
-        deadline = time.monotonic() + 120
-        while "Ray runtime started" not in registered.read_text():  # printed once the GCS knows the node
-            if node.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("a Ray node did not start" + self.said())
-            time.sleep(0.5)
-        return node
+        for _ in range(tries):
+            node = self._start(cmd)
+            registered = self.logs / f"node{len(self.nodes) - 1}.log"
+            deadline = time.monotonic() + 120
+            while "Ray runtime started" not in registered.read_text():  # printed once the GCS knows the node
+                if node.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            else:
+                return node
+            self.kill(node)
+        raise RuntimeError(f"a Ray node did not start in {tries} tries" + self.said())
 
     def kill(self, node: subprocess.Popen) -> None:
         """kill -9 of a node: its raylet, its workers and everything else it started."""

@@ -231,17 +231,15 @@ class RayDispatcher:
                 return finished
 
     def _grow(self, every: float = 5.0) -> None:
-        """With ``grow``, start a worker for each one that the cluster's alive nodes hold
-        beyond the pool (a node that joined); it takes jobs once it is up."""
-        if not self.grow or time.monotonic() - self._grown_at < every:
+        """With ``grow``, start a worker for each one that the cluster's free resources hold
+        (a node that joined); it takes jobs once it is up. Not while a worker is starting:
+        its room is not taken yet, and a lost node may still be counted as alive."""
+        if not self.grow or self.pending or time.monotonic() - self._grown_at < every:
             return
         self._grown_at = time.monotonic()
-        from evomerge.search.placement import cluster_nodes
-
-        unit = self.need.get("GPU") or self.need["CPU"]
-        key = "gpus" if "GPU" in self.need else "cpus"
-        holds = sum(math.floor(getattr(n, key) / unit) for n in cluster_nodes(self.ray.nodes()))
-        while len(self.actors) < holds:
+        key = "GPU" if "GPU" in self.need else "CPU"
+        free = self.ray.available_resources().get(key, 0.0)
+        for _ in range(math.floor(free / self.need[key])):
             slot = len(self.actors)
             fresh = self._start()
             self.actors.append(fresh)
