@@ -318,7 +318,8 @@ def for_nodes(prep: Prepared) -> WorkerSpec:
     models = None
     if prep.cfg.models_from == "driver":
         models = {ref: Files.read([Path(path)]) for ref, path in spec.sources.items()}
-    hub = {ref: portable_ref(path) for ref, path in spec.sources.items() if portable_ref(path) != path}
+    portable = {ref: portable_ref(path) for ref, path in spec.sources.items()}
+    hub = {ref: name for ref, name in portable.items() if name != spec.sources[ref]}
     return replace(spec, fitness_files=Files.read(data), shipped_models=models, hub_ids=hub)
 
 

@@ -198,10 +198,17 @@ class RayDispatcher:
             self.ray.kill(actor, no_restart=True)
         except Exception:
             pass
-        fresh = self._start()
-        self.pending[slot] = (fresh.ready.remote(), time.monotonic())
-        self.actors[slot] = fresh
+        self._launch(slot)
         self.replaced += 1
+
+    def _launch(self, slot: int) -> None:
+        """Start an actor in ``slot`` (a new one at the end), pending until it is up."""
+        fresh = self._start()
+        if slot == len(self.actors):
+            self.actors.append(fresh)
+        else:
+            self.actors[slot] = fresh
+        self.pending[slot] = (fresh.ready.remote(), time.monotonic())
 
     def _resubmit(self) -> None:
         while self.retry and self._usable():
@@ -241,9 +248,7 @@ class RayDispatcher:
         free = self.ray.available_resources().get(key, 0.0)
         for _ in range(math.floor(free / self.need[key])):
             slot = len(self.actors)
-            fresh = self._start()
-            self.actors.append(fresh)
-            self.pending[slot] = (fresh.ready.remote(), time.monotonic())
+            self._launch(slot)
             self.free += [slot] * self.queue_depth
             self.workers += 1
 
