@@ -95,7 +95,8 @@ class _Running:
     job: Job
     actor: Any
     slot: int
-    started: float
+    started: float  # when its clock started: submitted, or (queued behind another) when that one ended
+    seq: int  # submission order: an actor runs its calls in this order
 
 
 class RayDispatcher:
@@ -151,6 +152,7 @@ class RayDispatcher:
         self.running: dict[Any, _Running] = {}
         self.retry: list[Job] = []
         self.replaced = 0
+        self.submitted = 0
 
     def _start(self):
         actor = self._actor_cls.remote(self.spec)
@@ -187,7 +189,8 @@ class RayDispatcher:
         self.free.remove(slot)
         actor = self.actors[slot]
         ref = actor.run.remote(job)
-        self.running[ref] = _Running(job, actor, slot, time.monotonic())
+        self.submitted += 1
+        self.running[ref] = _Running(job, actor, slot, time.monotonic(), self.submitted)
 
     def _replace(self, actor) -> None:
         """Kill ``actor`` and start a fresh one in its slot (once, whoever notices first)."""
@@ -306,7 +309,7 @@ class RayDispatcher:
         key = id(run.actor)
         if key not in self.culprits or self.culprits[key][0] is not run.actor:
             same = [r for r in self.running.values() if r.actor is run.actor] + [run]
-            self.culprits[key] = (run.actor, min(same, key=lambda r: r.started).job.key)
+            self.culprits[key] = (run.actor, min(same, key=lambda r: r.seq).job.key)
         return self.culprits[key][1]
 
     def _node(self, actor) -> str | None:
@@ -323,7 +326,7 @@ class RayDispatcher:
         """The job queued next on ``actor`` starts now: its timeout counts from here."""
         queued = [r for r in self.running.values() if r.actor is actor]
         if queued:
-            nxt = min(queued, key=lambda r: r.started)
+            nxt = min(queued, key=lambda r: r.seq)
             nxt.started = max(nxt.started, time.monotonic())
 
     def _expire(self) -> list[JobResult]:
@@ -332,7 +335,7 @@ class RayDispatcher:
         executing: dict[int, Any] = {}
         for ref, run in self.running.items():  # an actor runs its oldest job; the others wait
             key = id(run.actor)
-            if key not in executing or run.started < self.running[executing[key]].started:
+            if key not in executing or run.seq < self.running[executing[key]].seq:
                 executing[key] = ref
         for ref in list(executing.values()):
             run = self.running[ref]

@@ -86,3 +86,23 @@ def test_run_experiment_on_ray_writes_summary(ray_cluster, tiny_cfg, tmp_path):
 
     study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     assert study.trials[summary["best_trial"]].value == pytest.approx(summary["best_fitness"])
+
+
+@pytest.mark.parametrize("first", [0, 1])
+def test_the_job_a_dead_actor_was_running_is_the_culprit_whichever_result_comes_in_first(first):
+    """Both results of a dead actor (the job it ran, the one queued behind it) fail at once,
+    in either order; only the job it ran counts the death as an attempt. Collecting the
+    queued one first restarts the other's clock, which must not make the queued one look older."""
+    from evomerge.search.ray_pool import RayDispatcher, _Running
+
+    pool = RayDispatcher.__new__(RayDispatcher)
+    actor = object()
+    runs = [_Running(Job(k, {}, seed=0), actor, 0, started=100.0 + k, seq=k) for k in (1, 2)]
+    pool.running = {f"ref{k}": run for k, run in enumerate(runs)}
+    pool.culprits = {}
+    verdicts = {}
+    for k in (first, 1 - first):  # what _collect does for each failed result, in arrival order
+        run = pool.running.pop(f"ref{k}")
+        pool._restart_clock(run.actor)
+        verdicts[run.job.key] = pool._culprit(run) == run.job.key
+    assert verdicts == {1: True, 2: False}
