@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -128,6 +129,7 @@ class RayCluster:
         self.exe = str(local) if local.is_file() else "ray"
         self.common = ["--num-cpus", str(cpus), "--num-gpus", "0", "--disable-usage-stats", "--block"]
         self.nodes: list[subprocess.Popen] = []
+        self.jobs_address: str | None = None
         self.logs = Path(tempfile.mkdtemp(prefix="evomerge-ray-nodes-"))
 
     def _start(self, cmd: list[str]) -> subprocess.Popen:
@@ -144,18 +146,23 @@ class RayCluster:
     def said(self) -> str:
         return "".join(f"\n--- {f.name}:\n" + f.read_text()[-1500:] for f in sorted(self.logs.glob("node*.log")))
 
-    def start_head(self) -> None:
+    def start_head(self, *, jobs: bool = False) -> None:
+        """Start the head node; with ``jobs``, its dashboard too (the job server that
+        `ray job submit --address` :attr:`jobs_address` talks to; it needs ``ray[default]``)."""
         head = [self.exe, "start", "--head", "--port", str(self.port), "--node-ip-address", "127.0.0.1"]
-        node = self._start([*head, "--include-dashboard=false", *self.common])
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if node.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("ray start did not come up" + self.said()) from None
-                time.sleep(0.5)
+        self.jobs_address = None
+        if jobs:
+            port = free_port()
+            self.jobs_address = f"http://127.0.0.1:{port}"
+            head += ["--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(port)]
+        else:
+            head.append("--include-dashboard=false")
+        node = self._start([*head, *self.common])
+        deadline = time.monotonic() + 120
+        while not _answers(self.address, self.jobs_address):
+            if node.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("ray start did not come up" + self.said())
+            time.sleep(0.5)
 
     def add_worker(self, hide: Sequence[Path] = (), cpus: int | None = None, tries: int = 3) -> subprocess.Popen:
         """Start a worker node (``cpus`` CPUs, else the cluster's count) and wait until the
@@ -198,6 +205,19 @@ class RayCluster:
         if current.is_file() and current.read_text().strip().endswith(f":{self.port}"):
             current.unlink()
         shutil.rmtree(self.logs, ignore_errors=True)
+
+
+def _answers(address: str, jobs: str | None) -> bool:
+    """Whether the head's GCS takes connections, and its job server (when asked) answers."""
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+        if jobs:
+            with urllib.request.urlopen(f"{jobs}/api/version", timeout=2) as reply:
+                return reply.status == 200
+        return True
+    except OSError:  # urllib's URLError is one
+        return False
 
 
 def free_port() -> int:

@@ -91,12 +91,15 @@ def complete_trials(run: Path) -> int:
 
 
 @contextmanager
-def ray_cluster(workers: int = 0, cpus: int = 1, hide: Sequence[Path] = ()) -> Iterator[RayCluster]:
-    """A :class:`evomerge.testing.RayCluster` with a head and ``workers`` worker nodes (the
-    last one started with ``hide`` when given), every node killed after."""
+def ray_cluster(
+    workers: int = 0, cpus: int = 1, hide: Sequence[Path] = (), *, jobs: bool = False
+) -> Iterator[RayCluster]:
+    """A :class:`evomerge.testing.RayCluster` with a head (its job server too, with
+    ``jobs``) and ``workers`` worker nodes (the last one started with ``hide`` when given),
+    every node killed after."""
     cluster = RayCluster(cpus, env=cli_env())
     try:
-        cluster.start_head()
+        cluster.start_head(jobs=jobs)
         for i in range(workers):
             cluster.add_worker(hide if i == workers - 1 else ())
         assert all(n.poll() is None for n in cluster.nodes), "a Ray node exited" + cluster.said()

@@ -1,9 +1,10 @@
 """A search on a real multi-node Ray cluster: a head and two worker nodes started with
-`ray start` on this machine (each its own raylet, one CPU each), `evomerge run
---ray-address` against it. The workers spread over the nodes, and `summary.json` says
-which nodes ran trials and how busy each was. One worker node cannot see the driver's
-directories (the zoo, the config's folder, the evomerge package): the models come from
-the driver (``models_from: driver``), the fitness data and evomerge with the job."""
+`ray start` on this machine (each its own raylet, one CPU each), an evomerge run handed
+to the head with `ray job submit`, and one joined with `evomerge run --ray-address`. The
+workers spread over the nodes, and `summary.json` says which nodes ran trials and how
+busy each was. One worker node cannot see the driver's directories (the zoo, the
+config's folder, the evomerge package): the models come from the driver (``models_from:
+driver``), the fitness data and evomerge with the job."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.slow
 MINUTES = 1.5
 
 
-def test_a_search_on_a_three_node_cluster_uses_several_nodes(tiny_zoo, tmp_path):
+def test_a_search_submitted_as_a_ray_job_uses_three_nodes(tiny_zoo, tmp_path):
     merge = {"method": "task_arithmetic", "parameters": {"weight": {"low": 0.0, "high": 1.5}}}
     path = write_experiment(
         tiny_zoo, tmp_path / "exp.yaml", name="cluster", merge=merge, search={"trials": 6}, samples=20, workers="auto"
@@ -34,10 +35,13 @@ def test_a_search_on_a_three_node_cluster_uses_several_nodes(tiny_zoo, tmp_path)
     path.write_text(path.read_text() + "models_from: driver\n")
     run = tmp_path / "run"
     env = cli_env(tmp_path / "mlflow.db")
-    with ray_cluster(workers=2, hide=[tiny_zoo.parent, tmp_path, ROOT / "evomerge"]) as cluster:
-        args = ["run", str(path), "--out", str(run), "--ray-address", cluster.address, "--quiet"]
-        res = run_cli(*args, env=env, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
+    with ray_cluster(workers=2, hide=[tiny_zoo.parent, tmp_path, ROOT / "evomerge"], jobs=True) as cluster:
+        # the job's driver runs on the head node and joins the cluster through RAY_ADDRESS,
+        # which Ray sets for it; `ray job submit` waits and exits 1 when the job fails
+        entry = [sys.executable, "-m", "evomerge.cli", "run", str(path), "--out", str(run), "--quiet"]
+        submit = [cluster.exe, "job", "submit", "--address", str(cluster.jobs_address), "--", *entry]
+        res = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0 and "succeeded" in res.stdout, (res.stdout + res.stderr)[-3000:]
         status = run_cli("status", str(run), env=env)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trials"]["complete"] == 6
