@@ -23,6 +23,7 @@ from evomerge.experiments.rundir import (
     write_atomic,
     write_json,
 )
+from evomerge.search.dispatch import run_jobs
 from evomerge.search.loop import Budget, SearchLoop, SearchStats, TrialRecord, record_from_trial, trial_seed
 from evomerge.search.memory import MemoryPlan, default_budget_gib, footprint, plan_memory
 from evomerge.search.placement import Node, Placement, cluster_nodes, local_nodes, place
@@ -323,18 +324,6 @@ def for_nodes(prep: Prepared) -> WorkerSpec:
     return replace(spec, fitness_files=Files.read(data), shipped_models=models, hub_ids=hub)
 
 
-def run_jobs(dispatcher, jobs: list[Job]) -> dict[int, JobResult]:
-    """Run independent jobs on the pool (final scoring); results by job key."""
-    queue: list[Job] = list(jobs)
-    out: dict[int, JobResult] = {}
-    while queue or len(out) < len(jobs):
-        while queue and dispatcher.idle() > 0:
-            dispatcher.submit(queue.pop(0))
-        for result in dispatcher.wait(timeout=5.0):
-            out[result.key] = result
-    return out
-
-
 def _source_recipe(space: Space, ref: str, dtype: str) -> dict[str, Any]:
     """A source model alone, as the workers can evaluate it (a stack worker merges no weights)."""
     if isinstance(space, StackSpace):
@@ -353,9 +342,17 @@ def recipe_with_paths(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str
 
 
 def finalize(
-    prep: Prepared, run: RunDir, study, stats: SearchStats, dispatcher, log: Callable[[str], None] = print
+    prep: Prepared,
+    run: RunDir,
+    study,
+    stats: SearchStats,
+    dispatcher,
+    log: Callable[[str], None] = print,
+    estimator: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Re-rank the top candidates on validation, score the pick, sources and default on test."""
+    """Re-rank the top candidates on validation, score the pick, sources and default on test.
+    With an ``estimator`` (the search's fitness estimated from anchor items), the pick is
+    scored on every sample of the search split too, beside its estimate."""
     cfg, space = prep.cfg, prep.space
     complete = _complete_from_study(study, space)  # every session's trials: a resumed run has earlier ones
     if not complete:
@@ -374,7 +371,8 @@ def finalize(
         ("baseline", "start" if cfg.layers else "default_merge"): (default_recipe, trial_seed(seed, -1)),
         **{("source", ref): (_source_recipe(space, ref, prep.spec.dtype), 0) for ref in _scored_sources(cfg)},
     }
-    wanted = [(c, split) for c in candidates for split in (("test",) if c[0] == "best" else (None, "test"))]
+    best_splits: tuple[str | None, ...] = ("test", None) if estimator else ("test",)
+    wanted = [(c, split) for c in candidates for split in (best_splits if c[0] == "best" else (None, "test"))]
     jobs = [Job(k, candidates[c][0], seed=candidates[c][1], split=split) for k, (c, split) in enumerate(wanted)]
     scored = {wanted[k]: result for k, result in run_jobs(dispatcher, jobs).items()}
     best_named = recipe_with_paths(best.recipe, prep.paths)
@@ -394,6 +392,7 @@ def finalize(
         "experiment": cfg.name,
         "best_trial": best.number,
         "best_fitness": best.value,
+        **({"best_fitness_full": scored[("best", ""), None].value, "estimator": estimator} if estimator else {}),
         "best_validation_fitness": validation[ranked[-1]].value,
         "best_test_fitness": scored[("best", ""), "test"].value,
         "best_test_tasks": scored[("best", ""), "test"].tasks,
@@ -421,6 +420,52 @@ def finalize(
     ]
     write_json(run.summary, summary)
     return summary
+
+
+IRT_FILE = "irt.json"
+
+
+def _irt_estimator(prep: Prepared, run: RunDir, dispatcher, log: Callable[[str], None]):
+    """The run's IRT estimator: calibrated once (the sources, the base and random merges
+    scored on every search sample) and kept in the run directory, which a resumed run
+    reads back, so that every trial of a study is estimated alike."""
+    from evomerge.fitness.irt import IrtEstimator
+    from evomerge.search.estimate import Calibrated, calibrate_on, random_recipes
+
+    cfg, space = prep.cfg, prep.space
+    path = run.path / IRT_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        estimator = IrtEstimator.from_json(saved)
+        kept = {len(t.anchors) for t in estimator.tasks.values()}
+        if kept != {cfg.fitness.anchors} or set(estimator.tasks) != set(cfg.fitness.tasks):
+            raise EvomergeError(
+                f"fitness.anchors: {path} was calibrated for {sorted(kept)} anchors on tasks {sorted(estimator.tasks)};"
+                " a run keeps its estimator (start a new run to change it)"
+            )
+        return Calibrated(estimator, 0)
+    seed = cfg.search.seed
+    models = {ref: (_source_recipe(space, ref, prep.spec.dtype), 0) for ref in _scored_sources(cfg)}
+    for i, recipe in enumerate(random_recipes(space, cfg.fitness.calibration_merges, seed)):
+        models[f"random merge {i + 1}"] = (recipe, trial_seed(seed, -2 - i))
+    log(f"irt: calibrating on {len(models)} models scored on every search sample")
+    calibrated = calibrate_on(dispatcher, models, cfg.fitness, seed)
+    write_json(path, {**calibrated.estimator.to_json(), "samples": calibrated.samples})
+    errors = ", ".join(f"{n} {t.loo_error:.3f}" for n, t in calibrated.estimator.tasks.items())
+    log(f"irt: {cfg.fitness.anchors} anchors per task, {calibrated.samples} samples; error left out: {errors}")
+    return calibrated
+
+
+def _estimator_info(cfg: ExperimentConfig, run: RunDir) -> dict[str, Any]:
+    """What summary.json says of the run's estimator."""
+    saved = json.loads((run.path / IRT_FILE).read_text())
+    return {
+        "name": "irt",
+        "anchors": cfg.fitness.anchors,
+        "calibration": saved["calibration"],
+        "calibration_samples": saved["samples"],
+        "tasks": {n: {"lambda": t["lam"], "loo_error": t["loo_error"]} for n, t in saved["tasks"].items()},
+    }
 
 
 def _references(summary: dict[str, Any]) -> dict[str, float]:
@@ -546,10 +591,16 @@ def _run_session(cfg, run: RunDir, prep: Prepared, options: RunOptions, resume: 
             tracker.finish(None, "FAILED")
         raise
     try:
+        searcher, calibrated = dispatcher, None
+        if cfg.fitness.estimator == "irt":
+            from evomerge.search.estimate import EstimatingDispatcher
+
+            calibrated = _irt_estimator(prep, run, dispatcher, both)
+            searcher = EstimatingDispatcher(dispatcher, calibrated.estimator, cfg.fitness)
         loop = SearchLoop(
             study,
             prep.space,
-            dispatcher,
+            searcher,
             budget=budget,
             seed=cfg.search.seed,
             fractions=cfg.search.pruning.fractions if cfg.search.pruning.enabled else None,
@@ -557,9 +608,13 @@ def _run_session(cfg, run: RunDir, prep: Prepared, options: RunOptions, resume: 
         )
         with observer:
             stats = loop.run()
+        info = None
+        if calibrated is not None:
+            stats.samples_scored += calibrated.samples  # the calibration's, when this session calibrated
+            info = _estimator_info(cfg, run)
         if tracker is not None:
             tracker.backfill(study, prep.space)  # trials a crash left unlogged, and the interrupted ones
-        summary = finalize(prep, run, study, stats, dispatcher, both)
+        summary = finalize(prep, run, study, stats, dispatcher, both, info)
         summary["total_seconds"] = round(time.monotonic() - started, 2)
         if tracker is not None:
             summary["tracking_uri"] = tracker.uri

@@ -56,6 +56,12 @@ class FitnessConfig(BaseModel):
     aggregate: Literal["mean", "min", "pareto"] = "mean"
     backend: Literal["native", "lm-eval"] = "native"
     batch_size: int = Field(160, ge=1)
+    # irt: a search scores each candidate on ``anchors`` items per task and estimates its
+    # accuracy over all the samples with item response theory (evomerge.fitness.irt),
+    # calibrated on the sources, the base and ``calibration_merges`` random merges
+    estimator: Literal["full", "irt"] = "full"
+    anchors: int | None = Field(None, ge=1)
+    calibration_merges: int = Field(4, ge=0)
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -72,6 +78,12 @@ class FitnessConfig(BaseModel):
             raise ValueError("fitness.tasks is empty")
         if self.aggregate == "mean" and sum(t.weight for t in self.tasks.values()) <= 0:
             raise ValueError("fitness.tasks weights sum to 0")
+        if self.estimator == "irt" and self.anchors is None:
+            raise ValueError("fitness.estimator irt needs anchors: the items scored per task (10-50)")
+        if self.estimator == "full" and self.anchors is not None:
+            raise ValueError("fitness.anchors is set but fitness.estimator is full; set estimator: irt")
+        if self.anchors is not None and self.samples is not None and self.anchors >= self.samples:
+            raise ValueError(f"fitness.anchors ({self.anchors}) must be fewer than fitness.samples ({self.samples})")
         return self
 
     @property
@@ -205,18 +217,26 @@ class Evaluator:
 
     # ---- scoring ----------------------------------------------------------
     def evaluate(
-        self, model, tokenizer, *, fraction: float = 1.0, prior: dict[str, list[bool]] | None = None
+        self,
+        model,
+        tokenizer,
+        *,
+        fraction: float = 1.0,
+        prior: dict[str, list[bool]] | None = None,
+        items: dict[str, list[int]] | None = None,
     ) -> FitnessResult:
         """Score ``model`` on every task (the first ``fraction`` of each task's samples).
 
         ``prior``: this model's per-sample results on a smaller fraction (an earlier
         fidelity of the same candidate); those samples are not scored again, only the
         ones beyond them, and the fitness is computed over all of them together.
+        ``items``: score only these positions of each task's samples (an estimator's
+        anchors, in that order; ``fraction`` then takes the first part of them).
         """
         start = time.perf_counter()
         prior = prior or {}
         names = list(self.lm_tasks) if self.backend == "lm-eval" else list(self.items)
-        heads = {n: self._head(n, fraction) for n in names}
+        heads = {n: self._head(n, fraction, (items or {}).get(n)) for n in names}
         done = {n: list(prior.get(n, []))[: len(heads[n])] for n in names}
         todo: dict[str, Sequence[int]] = {n: heads[n][len(done[n]) :] for n in names}
         new: dict[str, list[bool]] = {}
@@ -225,16 +245,14 @@ class Evaluator:
 
             wanted = {n: t for n, t in self.lm_tasks.items() if todo[n]}
             if wanted:
-                scores = LmEvalScorer(model, tokenizer, batch_size=self.cfg.batch_size).score(
-                    wanted, self.split, {n: todo[n] for n in wanted}
-                )
+                docs: dict[str, Sequence[int]] = {n: [self.order[n][p] for p in todo[n]] for n in wanted}
+                scores = LmEvalScorer(model, tokenizer, batch_size=self.cfg.batch_size).score(wanted, self.split, docs)
                 new = {n: [s >= 0.5 for s in v] for n, v in scores.items()}
         else:
             from evomerge.fitness.native import score
 
             for name in names:
-                begin = len(done[name])
-                enc = self._encode(name, tokenizer).subset(range(begin, begin + len(todo[name])))
+                enc = self._encode(name, tokenizer).subset(todo[name])
                 new[name] = score(model, enc, batch_size=self.cfg.batch_size).tolist() if todo[name] else []
         per_sample = {n: done[n] + new.get(n, []) for n in names}
         accs = {n: (sum(v) / len(v) if v else 0.0) for n, v in per_sample.items()}
@@ -242,9 +260,13 @@ class Evaluator:
         reused = sum(len(v) for v in done.values())
         return FitnessResult(value, accs, per_sample, time.perf_counter() - start, values, reused)
 
-    def _head(self, name: str, fraction: float) -> list[int]:
-        order = self.order[name]
-        return order[: max(1, round(len(order) * fraction))]
+    def _head(self, name: str, fraction: float, items: list[int] | None = None) -> list[int]:
+        """The positions (in the task's sample order) that ``fraction`` of its samples, or
+        of ``items`` when given, takes."""
+        positions = list(range(len(self.order[name]))) if items is None else items
+        if any(not 0 <= p < len(self.order[name]) for p in positions):
+            raise EvomergeError(f"fitness.tasks.{name}: an item position beyond its {len(self.order[name])} samples")
+        return positions[: max(1, round(len(positions) * fraction))]
 
     def batch_shape(self, tokenizer) -> tuple[int, int, int] | None:
         """The largest native scoring batch: (items, tokens of the longest item, answer

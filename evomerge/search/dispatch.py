@@ -27,6 +27,18 @@ class Dispatcher(Protocol):
     def close(self) -> None: ...
 
 
+def run_jobs(dispatcher: Dispatcher, jobs: list[Job]) -> dict[int, JobResult]:
+    """Run independent jobs on the pool (final scoring, calibration); results by job key."""
+    queue: list[Job] = list(jobs)
+    out: dict[int, JobResult] = {}
+    while queue or len(out) < len(jobs):
+        while queue and dispatcher.idle() > 0:
+            dispatcher.submit(queue.pop(0))
+        for result in dispatcher.wait(timeout=5.0):
+            out[result.key] = result
+    return out
+
+
 class InProcessDispatcher:
     """One worker in this process; a job runs when ``wait`` is called."""
 

@@ -72,6 +72,7 @@ class Job:
     split: str | None = None
     attempt: int = 0
     prior: dict[str, list[bool]] | None = None  # per-sample results of this candidate's lower fidelity
+    items: dict[str, list[int]] | None = None  # score only these sample positions per task (an estimator's anchors)
 
 
 @dataclass
@@ -421,7 +422,9 @@ class MergeWorker:
                 self.merge(recipe, tensor_seed(job.seed, "trial"))
             merged = time.perf_counter()
             result.merge_seconds = merged - start
-            fit = self.evaluator(job.split).evaluate(self.model, self.tokenizer, fraction=job.fraction, prior=job.prior)
+            fit = self.evaluator(job.split).evaluate(
+                self.model, self.tokenizer, fraction=job.fraction, prior=job.prior, items=job.items
+            )
             result.score_seconds = time.perf_counter() - merged
             result.value, result.values, result.tasks, result.samples = fit.fitness, fit.values, fit.tasks, fit.samples
             result.per_sample = fit.per_sample

@@ -156,3 +156,27 @@ def test_an_evaluator_reads_the_files_shipped_to_its_node(tiny_zoo, tmp_path):
     shipped = _task_config(LmEvalTask(str(mirrored(root, data / "task.yaml")), files_root=root), "search")
     files = shipped["dataset_kwargs"]["data_files"]
     assert all(str(f).startswith(str(root)) and Path(f).is_file() for f in files.values()), files
+
+
+@pytest.mark.parametrize("backend", ["native", "lm-eval"])
+def test_scoring_chosen_items_gives_their_full_run_results(tiny_zoo, backend):
+    """An estimator's anchors (positions in a task's sample order, any order), scored
+    alone, give the per-sample results that a full scoring gives at those positions;
+    ``fraction`` takes the first part of them and ``prior`` is not scored again."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.fitness.evaluate import Evaluator, FitnessConfig
+    from evomerge.fitness.scoring import load_tokenizer
+
+    cfg = FitnessConfig.model_validate({"tasks": ["cp", "rev"], "samples": 30, "backend": backend})
+    model = AutoModelForCausalLM.from_pretrained(tiny_zoo / "rev").eval()
+    tok = load_tokenizer(tiny_zoo / "rev")
+    ev = Evaluator(cfg, zoo_root=tiny_zoo, seed=3)
+    full = ev.evaluate(model, tok)
+    items = {"cp": [17, 2, 29, 8], "rev": [0, 11, 5, 23]}
+    part = ev.evaluate(model, tok, items=items)
+    assert part.per_sample == {n: [full.per_sample[n][p] for p in pos] for n, pos in items.items()}
+    half = ev.evaluate(model, tok, items=items, fraction=0.5)
+    assert half.per_sample == {n: v[:2] for n, v in part.per_sample.items()}
+    rest = ev.evaluate(model, tok, items=items, prior=half.per_sample)
+    assert rest.per_sample == part.per_sample and rest.samples == 4

@@ -1,0 +1,52 @@
+"""A search whose fitness is estimated from anchor items (``fitness.estimator: irt``),
+end to end on the tiny zoo in this process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evomerge.errors import EvomergeError
+from evomerge.experiments.run import RunOptions, run_experiment
+
+LOCAL = RunOptions(quiet=True, in_process=True, track=False)
+IRT = {"tasks": ["cp", "rev", "sort"], "samples": 40, "estimator": "irt", "anchors": 8, "calibration_merges": 2}
+
+
+def test_an_irt_search_scores_anchors_only_and_reports_estimate_and_full_fitness(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(fitness=IRT)
+    run = tmp_path / "run"
+    summary = run_experiment(cfg, run, LOCAL)
+    est = summary["estimator"]
+    # the sources, the base and two random merges, each scored on all 3 x 40 samples
+    assert est["calibration"] == ["zoo:cp", "zoo:rev", "zoo:sort", "zoo:base", "random merge 1", "random merge 2"]
+    assert est["calibration_samples"] == 6 * 3 * 40
+    trials = summary["trials"]["complete"]
+    assert trials == 6 and summary["samples_scored"] == est["calibration_samples"] + trials * 3 * 8
+    assert set(est["tasks"]) == {"cp", "rev", "sort"} and all(0 <= t["lambda"] <= 1 for t in est["tasks"].values())
+    assert 0 <= summary["best_fitness_full"] <= 1 and 0 <= summary["best_fitness"] <= 1
+    # the validation re-rank and the test report stay full-split
+    assert summary["best_test_fitness"] is not None
+    saved = json.loads((run / "irt.json").read_text())
+    assert {n: len(t["anchors"]) for n, t in saved["tasks"].items()} == {"cp": 8, "rev": 8, "sort": 8}
+
+    # a resumed run keeps its estimator: no second calibration
+    more = run_experiment(tiny_cfg(fitness=IRT, search__trials=8), run, LOCAL, resume=True)
+    assert more["trials"]["complete"] == 8 and more["samples_scored"] == 2 * 3 * 8
+    assert json.loads((run / "irt.json").read_text()) == saved
+    with pytest.raises(EvomergeError, match="a run keeps its estimator"):
+        run_experiment(tiny_cfg(fitness={**IRT, "anchors": 5}), run, LOCAL, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("fitness", "message"),
+    [
+        ({"estimator": "irt"}, "needs anchors"),
+        ({"anchors": 5}, "set estimator: irt"),
+        ({"estimator": "irt", "anchors": 40}, r"anchors \(40\) must be fewer than fitness.samples \(40\)"),
+    ],
+)
+def test_irt_settings_are_checked(tiny_cfg, fitness, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_cfg(fitness={"tasks": ["cp"], "samples": 40, **fitness})
