@@ -92,7 +92,12 @@ def _eval(args: argparse.Namespace) -> int:
     from evomerge.fitness.scoring import evaluate_model_dir
 
     cfg = load_config(args.config)
-    result = evaluate_model_dir(Path(args.model_dir), cfg, split=args.split, backend=args.backend)
+    estimator = None
+    if args.estimator == "irt":
+        estimator = _run_estimator(args.run)
+    result = evaluate_model_dir(Path(args.model_dir), cfg, split=args.split, backend=args.backend, estimator=estimator)
+    if estimator is not None:
+        print(f"estimated from {result.samples} samples (the run's anchor items)")
     print(f"{'task':12s} {'accuracy':>9s} {'samples':>8s}")
     for task, acc in result.tasks.items():
         print(f"{task:12s} {acc:9.4f} {len(result.per_sample[task]):8d}")
@@ -101,12 +106,34 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_estimator(run: str | None):
+    """The IRT estimator a run calibrated (RUN/irt.json); one line when there is none."""
+    import json
+
+    from evomerge.errors import EvomergeError
+    from evomerge.fitness.irt import IrtEstimator
+
+    if run is None:
+        raise EvomergeError("--estimator irt needs --run RUN_DIR: the run whose calibration (irt.json) to use")
+    path = Path(run) / "irt.json"
+    try:
+        return IrtEstimator.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise EvomergeError(f"{path}: no IRT calibration there (a run with fitness.estimator: irt writes it)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise EvomergeError(f"{path}: not an IRT calibration ({err})") from None
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="score a model directory on an experiment's fitness")
     p.add_argument("model_dir")
     p.add_argument("--config", required=True, help="experiment config YAML (its fitness: section is used)")
     p.add_argument("--split", choices=["search", "validation", "test"], default=None)
     p.add_argument("--backend", choices=["native", "lm-eval"], default=None)
+    p.add_argument(
+        "--estimator", choices=["full", "irt"], default="full", help="irt: score the anchors of --run's calibration"
+    )
+    p.add_argument("--run", default=None, help="the run directory whose IRT calibration --estimator irt uses")
     p.set_defaults(func=_eval)
 
 

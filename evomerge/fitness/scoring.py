@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import EvomergeError, ModelError
-from evomerge.fitness.evaluate import Evaluator, FitnessResult
+from evomerge.fitness.evaluate import Evaluator, FitnessResult, aggregate
 
 
 def pick_device(device: str) -> torch.device:
@@ -49,8 +49,14 @@ def load_tokenizer(path: Path):
         raise ModelError(f"{path}: cannot load its tokenizer: {str(err).splitlines()[0]}") from None
 
 
-def evaluate_model_dir(path: Path, cfg, *, split: str | None = None, backend: str | None = None) -> FitnessResult:
-    """Score the model at ``path`` on ``cfg.fitness`` (an :class:`ExperimentConfig`)."""
+def evaluate_model_dir(
+    path: Path, cfg, *, split: str | None = None, backend: str | None = None, estimator=None
+) -> FitnessResult:
+    """Score the model at ``path`` on ``cfg.fitness`` (an :class:`ExperimentConfig`); with
+    an ``estimator`` (:class:`evomerge.fitness.irt.IrtEstimator`, calibrated on the search
+    split), on its anchor items only, the accuracies and fitness estimated as a search does."""
+    if estimator is not None and (split or cfg.fitness.split) != cfg.fitness.split:
+        raise EvomergeError(f"--estimator irt: the estimator was calibrated on the {cfg.fitness.split} split only")
     device = pick_device(cfg.device)
     evaluator = Evaluator(
         cfg.fitness,
@@ -61,4 +67,9 @@ def evaluate_model_dir(path: Path, cfg, *, split: str | None = None, backend: st
         backend=backend,
     )
     model, tokenizer = load_model(path, device)
-    return evaluator.evaluate(model, tokenizer)
+    if estimator is None:
+        return evaluator.evaluate(model, tokenizer)
+    result = evaluator.evaluate(model, tokenizer, items=estimator.anchors())
+    result.tasks = estimator.estimate(result.per_sample)
+    result.fitness, result.values = aggregate(cfg.fitness, result.tasks)
+    return result

@@ -50,3 +50,30 @@ def test_an_irt_search_scores_anchors_only_and_reports_estimate_and_full_fitness
 def test_irt_settings_are_checked(tiny_cfg, fitness, message):
     with pytest.raises(ValueError, match=message):
         tiny_cfg(fitness={"tasks": ["cp"], "samples": 40, **fitness})
+
+
+def test_eval_with_the_runs_estimator_scores_its_anchors_and_estimates_as_the_search(tiny_cfg, tiny_zoo, tmp_path):
+    from evomerge.fitness.evaluate import aggregate
+    from evomerge.fitness.irt import IrtEstimator
+    from evomerge.fitness.scoring import evaluate_model_dir
+
+    from ..cli import one_line_error, run_cli
+
+    cfg = tiny_cfg(fitness=IRT, search__trials=2)
+    run = tmp_path / "run"
+    run_experiment(cfg, run, LOCAL)
+    config = tmp_path / "exp.yaml"
+    config.write_text(cfg.to_yaml())
+    ask = ["eval", str(tiny_zoo / "rev"), "--config", str(config), "--estimator", "irt"]
+    res = run_cli(*ask, "--run", str(run))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "estimated from 24 samples" in res.stdout
+    printed = json.loads(res.stdout.strip().splitlines()[-1])
+    # what the search would have estimated from the model's answers on the anchors
+    est = IrtEstimator.from_json(json.loads((run / "irt.json").read_text()))
+    full = evaluate_model_dir(tiny_zoo / "rev", cfg).per_sample
+    tasks = est.estimate({t: [full[t][p] for p in anchors] for t, anchors in est.anchors().items()})
+    assert printed["fitness"] == pytest.approx(aggregate(cfg.fitness, tasks)[0], abs=1e-12)
+    assert "no IRT calibration there" in one_line_error(run_cli(*ask, "--run", str(tmp_path)))
+    other = run_cli(*ask, "--run", str(run), "--split", "test")
+    assert "calibrated on the search split only" in one_line_error(other)
