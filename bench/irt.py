@@ -41,6 +41,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 def _config(zoo: Path, **fitness) -> ExperimentConfig:
     data = load_config(CONFIG).model_dump(mode="json", exclude_none=True)
     data["zoo"] = str(zoo.resolve())
+    data["threads_per_worker"] = 1  # one thread per worker: a loaded machine's spare threads only spin
     data["fitness"].update(fitness)
     return ExperimentConfig.model_validate(data)
 
@@ -63,7 +64,11 @@ def rank_agreement(zoo: Path, candidates: int, ks: list[int], merges: int) -> No
     models += random_recipes(space, merges, seed=0)
     others = random_recipes(space, candidates, seed=1)
     start = time.perf_counter()
-    results = run_jobs(pool, [Job(k, r, seed=k) for k, r in enumerate(models + others)])
+    jobs = [Job(k, r, seed=k) for k, r in enumerate(models + others)]
+    results = {}
+    for i in range(0, len(jobs), 50):  # in parts, saying how far it got
+        results.update(run_jobs(pool, jobs[i : i + 50]))
+        print(f"scored {len(results)} of {len(jobs)} models ({time.perf_counter() - start:.0f} s)", flush=True)
     pool.close()
     tasks = list(cfg.fitness.tasks)
     print(f"scored {len(models)} calibration models and {candidates} candidates in {time.perf_counter() - start:.0f} s")

@@ -49,15 +49,55 @@ def init_ray(address: str | None, num_cpus: int | None, *, env_vars: dict[str, s
         except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError ... here
             raise EvomergeError(f"--ray-address {address}: cannot join the Ray cluster ({_last_line(err)})") from None
     else:
-        ray.init(
-            address="local",  # a fresh instance, never a cluster that `ray start` left on this machine
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            runtime_env=runtime_env,
-            log_to_driver=False,
-            _node_ip_address="127.0.0.1",
-            configure_logging=False,
-        )
+        _start_local(num_cpus, runtime_env)
+
+
+STARTUP_TRIES = 3
+
+
+def _start_local(num_cpus: int | None, runtime_env: dict[str, Any] | None) -> None:
+    """A local Ray instance of this process. Ray gives a new node a fixed 30 s to register,
+    which a loaded machine can miss ("The current node timed out during startup"): the
+    processes of the failed start are stopped and it is started again."""
+    import psutil
+    import ray
+
+    for attempt in range(STARTUP_TRIES):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(
+                address="local",  # a fresh instance, never a cluster that `ray start` left on this machine
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                runtime_env=runtime_env,
+                log_to_driver=False,
+                _node_ip_address="127.0.0.1",
+                configure_logging=False,
+            )
+            return
+        except Exception as err:  # Ray raises a bare Exception for it
+            if "timed out during startup" not in str(err):
+                raise
+            _stop_children(before)
+            if attempt == STARTUP_TRIES - 1:
+                raise EvomergeError(
+                    f"ray: the local Ray instance did not start in {STARTUP_TRIES} tries ({_last_line(err)}); "
+                    "the machine is overloaded"
+                ) from None
+
+
+def _stop_children(before: set[int], wait: float = 10.0) -> None:
+    """Stop what a failed Ray start left running: the processes this one started since
+    (Ray's GCS, raylet and agents), not those in ``before``."""
+    import psutil
+
+    children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=wait)
 
 
 def _package_dir() -> str:

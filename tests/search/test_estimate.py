@@ -39,6 +39,23 @@ def test_an_irt_search_scores_anchors_only_and_reports_estimate_and_full_fitness
         run_experiment(tiny_cfg(fitness={**IRT, "anchors": 5}), run, LOCAL, resume=True)
 
 
+def test_an_irt_search_on_lm_eval_with_pruning_scores_growing_parts_of_the_anchors(tiny_cfg, tmp_path):
+    """lm-eval's per-document results calibrate and answer the anchors as the native
+    scorer's do; a pruned trial scores the first part of the anchors, a promoted one only
+    the anchors beyond them."""
+    fitness = {**IRT, "samples": 24, "anchors": 8, "calibration_merges": 0, "backend": "lm-eval"}
+    pruning = {"enabled": True, "fractions": [0.5, 1.0], "pruner": "successive_halving", "reduction_factor": 2}
+    cfg = tiny_cfg(fitness=fitness, search={"sampler": "random", "seed": 0, "trials": 6, "pruning": pruning})
+    summary = run_experiment(cfg, tmp_path / "run", LOCAL)
+    counts = summary["trials"]
+    assert counts["complete"] + counts["pruned"] == 6 and counts["complete"] >= 1
+    assert summary["estimator"]["calibration_samples"] == 4 * 3 * 24
+    # every trial scores 4 anchors per task at the first rung; those that go on, 4 more
+    searched = summary["samples_scored"] - summary["estimator"]["calibration_samples"]
+    assert searched == 6 * 3 * 4 + counts["complete"] * 3 * 4
+    assert 0 <= summary["best_fitness_full"] <= 1
+
+
 @pytest.mark.parametrize(
     ("fitness", "message"),
     [

@@ -106,3 +106,39 @@ def test_the_job_a_dead_actor_was_running_is_the_culprit_whichever_result_comes_
         pool._restart_clock(run.actor)
         verdicts[run.job.key] = pool._culprit(run) == run.job.key
     assert verdicts == {1: True, 2: False}
+
+
+def test_a_local_ray_start_that_misses_the_registration_window_is_started_again(monkeypatch):
+    """Ray gives a new node a fixed 30 s to register; on a loaded machine the first start
+    can miss it. What that start left running is stopped (and nothing older), then Ray is
+    started again; a start that keeps failing is one line."""
+    import subprocess
+    import sys
+
+    import ray
+
+    from evomerge.errors import EvomergeError
+    from evomerge.search import ray_pool
+
+    older = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    left: list[subprocess.Popen] = []
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs["address"])
+        if len(calls) == 1:  # a start that left its processes behind
+            left.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", init)
+    try:
+        ray_pool._start_local(1, None)
+        assert calls == ["local", "local"]
+        assert left[0].wait(timeout=10) is not None and older.poll() is None
+        calls.clear()
+        monkeypatch.setattr(ray_pool, "STARTUP_TRIES", 1)
+        with pytest.raises(EvomergeError, match="did not start in 1 tries"):
+            ray_pool._start_local(1, None)
+    finally:
+        older.kill()
+        older.wait()
