@@ -28,9 +28,9 @@ import torch
 from scipy.stats import spearmanr
 
 from evomerge.experiments.config import ExperimentConfig, load_config
-from evomerge.experiments.run import RunOptions, _scored_sources, _source_recipe, prepare, run_experiment
+from evomerge.experiments.run import IRT_FILE, RunOptions, _scored_sources, _source_recipe, prepare, run_experiment
 from evomerge.fitness.evaluate import aggregate
-from evomerge.fitness.irt import calibrate
+from evomerge.fitness.irt import IrtEstimator, TaskIrt, calibrate
 from evomerge.search.dispatch import InProcessDispatcher, run_jobs
 from evomerge.search.estimate import random_recipes
 from evomerge.search.worker import Job
@@ -91,32 +91,52 @@ def rank_agreement(zoo: Path, candidates: int, ks: list[int], merges: int) -> No
     print(f"(full: {sum(n.values())} samples per candidate)")
 
 
-def searches(zoo: Path, seeds: list[int], ks: list[int], trials: int, merges: int) -> None:
+def searches(zoo: Path, seeds: list[int], ks: list[int], trials: int, merges: int, scorings: list[str]) -> None:
+    """``scorings``: full; irt (the estimator at each k); random (the mean of k random
+    samples per task, no calibration: the estimator's machinery with random anchors, equal
+    weights and lambda 1, so that the re-rank and the test stay full-split as irt's do)."""
     rows = []
-    settings: list[int | None] = [None, *ks]
+    settings: list[tuple[str, dict, int | None]] = [("full", {}, None)] if "full" in scorings else []
+    for k in ks:
+        irt = {"estimator": "irt", "anchors": k, "calibration_merges": merges}
+        if "irt" in scorings:
+            settings.append((f"irt, k={k}", irt, None))
+        if "random" in scorings:
+            settings.append((f"{k} random samples", irt, k))
     for seed in seeds:
-        for k in settings:
-            fitness = {} if k is None else {"estimator": "irt", "anchors": k, "calibration_merges": merges}
+        for label, fitness, randomly in settings:
             cfg = _config(zoo, **fitness)
             data = cfg.model_dump(mode="json", exclude_none=True)
             data["search"].update(seed=seed, trials=trials)
             cfg = ExperimentConfig.model_validate(data)
             with tempfile.TemporaryDirectory(prefix="evomerge-bench-irt-") as out:
-                s = run_experiment(cfg, Path(out) / "run", RunOptions(quiet=True, track=False))
+                run = Path(out) / "run"
+                if randomly:
+                    _random_anchors(cfg, run, randomly, seed)
+                s = run_experiment(cfg, run, RunOptions(quiet=True, track=False))
             full = s.get("best_fitness_full", s["best_fitness"])
-            rows.append((seed, k, s["samples_scored"], full, s["best_test_fitness"], s["wall_seconds"]))
-            print(json.dumps(dict(zip(("seed", "k", "samples", "search_full", "test", "seconds"), rows[-1]))))
+            rows.append((seed, label, s["samples_scored"], full, s["best_test_fitness"], s["wall_seconds"]))
+            print(json.dumps(dict(zip(("seed", "scoring", "samples", "search_full", "test", "seconds"), rows[-1]))))
     print(f"\n| scoring | samples scored (mean of {len(seeds)} seeds) | fewer than full | pick's search fitness | pick's test fitness (mean) | per seed |")  # noqa: E501
     print("| --- | ---: | ---: | ---: | ---: | --- |")
-    base = statistics.fmean(r[2] for r in rows if r[1] is None)
-    for k in settings:
-        mine = [r for r in rows if r[1] == k]
+    base = statistics.fmean(r[2] for r in rows if r[1] == "full") if "full" in scorings else float("nan")
+    for label, *_ in settings:
+        mine = [r for r in rows if r[1] == label]
         samples = statistics.fmean(r[2] for r in mine)
         per_seed = ", ".join(f"{r[4]:.4f}" for r in mine)
-        label = "full" if k is None else f"irt, k={k}"
         search = statistics.fmean(r[3] for r in mine)
         test = statistics.fmean(r[4] for r in mine)
         print(f"| {label} | {samples:,.0f} | {base / samples:.1f}x | {search:.4f} | {test:.4f} | {per_seed} |")
+
+
+def _random_anchors(cfg: ExperimentConfig, run: Path, k: int, seed: int) -> None:
+    """A run directory whose estimator is the mean of ``k`` random samples per task."""
+    n = cfg.fitness.samples or 0
+    rng = random.Random(f"bench:random:{seed}")
+    flat = [0.0] * n
+    tasks = {t: TaskIrt(sorted(rng.sample(range(n), k)), [1 / k] * k, flat, flat, 1.0) for t in cfg.fitness.tasks}
+    run.mkdir(parents=True)
+    (run / IRT_FILE).write_text(json.dumps({**IrtEstimator(tasks).to_json(), "samples": 0}))
 
 
 def main() -> None:
@@ -129,12 +149,14 @@ def main() -> None:
     ap.add_argument("--calibration-merges", type=int, default=4)
     ap.add_argument("--skip-searches", action="store_true")
     ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument("--scorings", default="full,irt,random", help="which searches: full, irt, random")
     args = ap.parse_args()
     ks = [int(k) for k in args.anchors.split(",")]
     if not args.skip_agreement:
         rank_agreement(args.zoo, args.candidates, ks, args.calibration_merges)
     if not args.skip_searches:
-        searches(args.zoo, [int(s) for s in args.seeds.split(",")], ks, args.trials, args.calibration_merges)
+        seeds = [int(s) for s in args.seeds.split(",")]
+        searches(args.zoo, seeds, ks, args.trials, args.calibration_merges, args.scorings.split(","))
 
 
 if __name__ == "__main__":
