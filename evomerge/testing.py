@@ -164,6 +164,19 @@ class RayCluster:
                 raise RuntimeError("ray start did not come up" + self.said())
             time.sleep(0.5)
 
+    def submit(self, entrypoint: Sequence[str], timeout: float = 600, tries: int = 4) -> subprocess.CompletedProcess:
+        """`ray job submit` of ``entrypoint`` to the head's job server (:meth:`start_head`
+        with ``jobs``), waiting for the job's end. Submitted again when the server says to
+        try later: it waits only 10 s for the head's agent, which a loaded machine can miss
+        ("No available agent to submit job, please try again later")."""
+        cmd = [self.exe, "job", "submit", "--address", str(self.jobs_address), "--", *entrypoint]
+        for _ in range(tries):
+            res = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+            if "try again later" not in res.stdout + res.stderr:
+                return res
+            time.sleep(5)
+        return res
+
     def add_worker(self, hide: Sequence[Path] = (), cpus: int | None = None, tries: int = 3) -> subprocess.Popen:
         """Start a worker node (``cpus`` CPUs, else the cluster's count) and wait until the
         cluster knows it. One at a time, and started again when `ray start` gives up: Ray

@@ -39,8 +39,8 @@ def test_a_search_submitted_as_a_ray_job_uses_three_nodes(tiny_zoo, tmp_path):
         # the job's driver runs on the head node and joins the cluster through RAY_ADDRESS,
         # which Ray sets for it; `ray job submit` waits and exits 1 when the job fails
         entry = [sys.executable, "-m", "evomerge.cli", "run", str(path), "--out", str(run), "--quiet"]
-        submit = [cluster.exe, "job", "submit", "--address", str(cluster.jobs_address), "--", *entry]
-        res = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        cluster.env = env  # the job's driver tracks into the test's store
+        res = cluster.submit(entry)
         assert res.returncode == 0 and "succeeded" in res.stdout, (res.stdout + res.stderr)[-3000:]
         status = run_cli("status", str(run), env=env)
     summary = json.loads((run / "summary.json").read_text())
