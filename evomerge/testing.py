@@ -225,8 +225,8 @@ def _answers(address: str, jobs: str | None) -> bool:
     host, port = address.rsplit(":", 1)
     try:
         socket.create_connection((host, int(port)), timeout=1).close()
-        if jobs:
-            with urllib.request.urlopen(f"{jobs}/api/version", timeout=2) as reply:
+        if jobs:  # the job module answers (the dashboard starts its modules as processes of their own)
+            with urllib.request.urlopen(f"{jobs}/api/jobs/", timeout=5) as reply:
                 return reply.status == 200
         return True
     except OSError:  # urllib's URLError is one
