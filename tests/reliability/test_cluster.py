@@ -22,9 +22,10 @@ from .common import ROOT, cli_env, complete_trials, ray_cluster, write_experimen
 
 pytestmark = pytest.mark.slow
 
-# the search's budget in time (its trials take a fraction of a second): long enough for two
-# nodes to start and their workers to load on a loaded machine after the loss
-MINUTES = 1.5
+# the search's budget in time (its trials take a fraction of a second): long enough for a
+# node to start and its workers to load on a loaded machine after the loss (a `ray start`
+# there has taken 8 s to 114 s, its workers' start ten more)
+MINUTES = 3
 
 
 def test_a_search_submitted_as_a_ray_job_uses_three_nodes(tiny_zoo, tmp_path):
@@ -56,8 +57,9 @@ def test_a_search_submitted_as_a_ray_job_uses_three_nodes(tiny_zoo, tmp_path):
 def test_a_lost_node_costs_no_trial_and_a_node_that_joins_gets_work(tiny_zoo, tmp_path):
     """kill -9 of a worker node (its raylet and the worker on it) mid-search: the trials it
     held are run again on the nodes left, the budget is met with none lost or counted
-    twice; a node of two CPUs joins mid-search: the lost worker's replacement, waiting
-    for room, starts there, and the pool (``workers: auto``) grows onto its other CPU."""
+    twice; a node of two CPUs joins mid-search and runs trials: the lost worker's
+    replacement, waiting for room, starts there, and the pool (``workers: auto``) grows
+    onto its other CPU."""
     dare = {"method": "dare_linear", "parameters": {"weight": {"low": 0.0, "high": 1.5}, "density": 0.7}}
     search = {"trials": None, "timeout_minutes": MINUTES}
     path = write_experiment(
@@ -85,11 +87,14 @@ def test_a_lost_node_costs_no_trial_and_a_node_that_joins_gets_work(tiny_zoo, tm
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     summary = json.loads((run / "summary.json").read_text())
-    assert joined < MINUTES * 60 / 2, f"the nodes took {joined:.0f} s to join: the search may end before they work"
+    assert joined < MINUTES * 60 * 2 / 3, f"the node took {joined:.0f} s to join: the search may end before it works"
     trials = summary["trials"]
     assert trials["complete"] > 20, trials
     assert trials == {"complete": trials["complete"], "pruned": 0, "failed": 0, "interrupted": 0}
     # trials ran on the lost node, the two that stayed, and the one that joined
     figures = {k: summary[k] for k in ("trials", "wall_seconds", "workers", "nodes", "node_busy_fraction")}
     assert summary["nodes"] == 4 and len(summary["node_busy_fraction"]) == 4, figures
-    assert summary["workers"] == 4, figures  # three at the start, one more when the cluster grew
+    # three at the start, one more when the cluster grew; or two more, when the new node
+    # joined before Ray noticed the loss (its health checks take seconds): the pool grew
+    # onto both its CPUs and the lost worker's replacement waits for room (counted)
+    assert summary["workers"] in (4, 5), figures
