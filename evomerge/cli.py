@@ -52,6 +52,47 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_merge)
 
 
+def _moe(args: argparse.Namespace) -> int:
+    from evomerge.operators.engine import resolve_model_path
+    from evomerge.operators.moe import run_moe
+    from evomerge.operators.moe_config import MoEConfig
+    from evomerge.operators.recipe import load_yaml
+    from evomerge.progressbar import bar
+
+    cfg = MoEConfig.from_dict(load_yaml(args.config), str(args.config))
+    config_dir = Path(args.config).resolve().parent
+    with bar("building", args.quiet) as tick:
+        result = run_moe(
+            cfg,
+            args.out_dir,
+            seed=args.seed,
+            device=args.device,
+            overwrite=args.force,
+            max_shard_bytes=int(args.max_shard_size * 1024**3),
+            resolver=lambda name: resolve_model_path(name, config_dir),
+            config_text=Path(args.config).read_text(),
+            progress=tick,
+        )
+    gb = result.bytes / 1024**3
+    print(
+        f"built a mixture of {len(cfg.experts)} experts ({result.tensors} tensors, {gb:.2f} GiB, gates "
+        f"{cfg.gate_mode}) in {result.seconds:.1f} s -> {result.out_dir}"
+    )
+    return 0
+
+
+def _add_moe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("moe", help="build a Mixtral mixture of experts from a mergekit-moe config YAML")
+    p.add_argument("config", help="mergekit-moe config YAML (base_model, experts, gate_mode, ...)")
+    p.add_argument("out_dir", help="output model directory (must not exist unless --force)")
+    p.add_argument("--device", default="cpu", help="where the hidden-state gates run the base: cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of random gates and noise (mergekit's --random-seed)")
+    p.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    p.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per output shard (default 5)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_moe)
+
+
 def _zoo(args: argparse.Namespace) -> int:
     from evomerge.fitness.presets import ensure_preset
     from evomerge.fitness.zoo import load_zoo
@@ -375,6 +416,7 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
 
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_merge,
+    _add_moe,
     _add_zoo,
     _add_eval,
     _add_run,

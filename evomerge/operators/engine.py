@@ -139,7 +139,7 @@ def open_sources(recipe: Recipe, resolver: ModelResolver, allow_pickle: bool) ->
     return {name: open_checkpoint(resolver(name), allow_pickle=allow_pickle) for name in recipe.referenced_models()}
 
 
-def _pick_device(device: str) -> torch.device:
+def pick_device(device: str) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N`` as a torch device that exists on this machine."""
     try:
         dev = torch.device(device)
@@ -178,7 +178,7 @@ def run_merge(
     evaluate it and add files, whose names it returns) before the directory takes its
     final name; if it raises, nothing is left behind."""
     start = time.perf_counter()
-    dev = _pick_device(device)
+    dev = pick_device(device)
     ckpts = open_sources(recipe, resolver or resolve_model_path, allow_pickle)
     plan = build_plan(recipe, ckpts)
     if plan.operator.cpu_kernels and dev.type == "cpu":

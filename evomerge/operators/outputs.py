@@ -105,22 +105,12 @@ def shared_license(licences: dict[str, str | None]) -> tuple[str | None, str]:
     return None, f"Licence: not derived: the source models declare different licences ({listed})."
 
 
-def model_card(
-    plan: MergePlan,
-    extra: str = "",
-    licences: dict[str, str | None] | None = None,
-    paths: dict[str, Path] | None = None,
-) -> str:
-    """A README.md with YAML front matter that the Hub and mergekit users expect; the
-    licence is the sources' when they all declare the same one (``shared_license``).
-
-    The front matter's ``base_model`` lists Hub ids only (the Hub refuses anything
-    else): a source named by a Hub id, or read from a Hub cache snapshot (``paths``).
-    Every source, local ones included, is listed in the text, a Hub one with its commit.
-    """
-    recipe = plan.recipe
-    sources = recipe.referenced_models()
-    lic, why = shared_license(licences if licences is not None else dict.fromkeys(sources))
+def card_sources(
+    sources: list[str], paths: dict[str, Path] | None, lic: str | None, tags: tuple[str, ...] = ()
+) -> tuple[list[str], dict[str, Any]]:
+    """A card's list of source models (Markdown lines) and its front matter: Hub ids only
+    in ``base_model`` (the Hub refuses anything else), from a source named by a Hub id or
+    read from a Hub cache snapshot (``paths``), with its commit; local ones in the text."""
     listed, hub_ids = [], []
     for name in sources:
         origin = hub_origin(paths[name]) if paths and name in paths else None
@@ -138,7 +128,27 @@ def model_card(
         front = {"base_model": list(dict.fromkeys(hub_ids)), "base_model_relation": "merge", **front}
     if lic:
         front["license"] = lic
-    front["tags"] = ["merge", "evomerge", "mergekit"]
+    front["tags"] = ["merge", "evomerge", "mergekit", *tags]
+    return listed, front
+
+
+def model_card(
+    plan: MergePlan,
+    extra: str = "",
+    licences: dict[str, str | None] | None = None,
+    paths: dict[str, Path] | None = None,
+) -> str:
+    """A README.md with YAML front matter that the Hub and mergekit users expect; the
+    licence is the sources' when they all declare the same one (``shared_license``).
+
+    The front matter's ``base_model`` lists Hub ids only (the Hub refuses anything
+    else): a source named by a Hub id, or read from a Hub cache snapshot (``paths``).
+    Every source, local ones included, is listed in the text, a Hub one with its commit.
+    """
+    recipe = plan.recipe
+    sources = recipe.referenced_models()
+    lic, why = shared_license(licences if licences is not None else dict.fromkeys(sources))
+    listed, front = card_sources(sources, paths, lic)
     body = [
         "---",
         yaml.safe_dump(front, sort_keys=False).rstrip(),

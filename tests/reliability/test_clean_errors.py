@@ -137,13 +137,13 @@ def test_a_cuda_index_out_of_range_is_refused(monkeypatch):
     import torch
 
     from evomerge.errors import EvomergeError
-    from evomerge.operators.engine import _pick_device
+    from evomerge.operators.engine import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert _pick_device("cuda:1") == torch.device("cuda:1")
+    assert pick_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(EvomergeError, match=r"2 CUDA device\(s\): cuda:0 to cuda:1"):
-        _pick_device("cuda:2")
+        pick_device("cuda:2")
 
 
 def test_an_unreachable_tracking_server_is_refused_before_anything_is_written(tiny_zoo, tmp_path):

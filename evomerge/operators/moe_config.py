@@ -1,0 +1,108 @@
+"""mergekit-moe's YAML as pydantic models: a base model whose attention, norms and
+embeddings a mixture of experts keeps, and experts whose MLPs become its experts.
+
+``gate_mode`` sets the routers' initial weights: ``hidden`` (also ``hidden_last``) the
+base's hidden state at each layer's input for the last token of the expert's prompts,
+``hidden_avg`` the same averaged over the positions, ``cheap_embed`` the normalised sum
+of the prompts' token embeddings (one vector for every layer), ``random`` and
+``uniform_random`` seeded noise (standard normal; ``nn.Linear``'s uniform range).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from evomerge.errors import RecipeError
+from evomerge.operators.recipe import DTYPES, _one_line, load_yaml
+
+GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
+PROMPTLESS = ("random", "uniform_random")
+
+
+class Expert(BaseModel):
+    """One expert: the model whose MLPs it is, the prompts that route to it, and
+    optional noise (std ``noise_scale``) and a factor on its down projection (``residual_scale``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source_model: str
+    positive_prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+    noise_scale: float | None = None
+    residual_scale: float | None = None
+
+    def prompts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return tuple(self.positive_prompts or ()), tuple(self.negative_prompts or ())
+
+
+class MoEConfig(BaseModel):
+    """A ``mergekit-moe`` config; the output is a Mixtral model (``MixtralForCausalLM``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_model: str
+    experts: list[Expert]
+    gate_mode: GateMode = "hidden"
+    dtype: str | None = None
+    experts_per_token: int = 2
+    shared_experts: list[Expert] | None = None
+    architecture: str | None = None
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str | None) -> str | None:
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"unknown dtype '{v}' (one of {', '.join(DTYPES)})")
+        return v
+
+    @field_validator("architecture")
+    @classmethod
+    def _mixtral_only(cls, v: str | None) -> str | None:
+        if v is not None and not "mixtral".startswith(v.lower()):
+            raise ValueError(f"'{v}': evomerge writes Mixtral mixtures of experts (architecture: mixtral)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MoEConfig:
+        if not self.experts:
+            raise ValueError("experts: at least one expert is needed")
+        if not 1 <= self.experts_per_token <= len(self.experts):
+            raise ValueError(
+                f"experts_per_token: {self.experts_per_token} is not between 1 and the {len(self.experts)} expert(s)"
+            )
+        if self.shared_experts:
+            raise ValueError(
+                "shared_experts: a Mixtral output has no shared expert (mergekit writes those as Qwen2-MoE or "
+                "DeepSeek-MoE, which evomerge does not write)"
+            )
+        if self.gate_mode not in PROMPTLESS:
+            for i, e in enumerate(self.experts):
+                if not e.positive_prompts:
+                    raise ValueError(f"experts.{i}.positive_prompts: gate_mode {self.gate_mode} needs prompts")
+            if len(self.experts) > 1 and len({e.prompts() for e in self.experts}) == 1:
+                raise ValueError("experts: every expert has the same prompts; the router could not tell them apart")
+        if len(self.experts) > 1 and len({e.source_model for e in self.experts}) == 1:
+            raise ValueError("experts: every expert is the same model (the mixture would equal it, at more cost)")
+        return self
+
+    def models(self) -> list[str]:
+        """The base model, then every expert's source (in order, once each)."""
+        return list(dict.fromkeys([self.base_model, *(e.source_model for e in self.experts)]))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "moe config") -> MoEConfig:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: a mergekit-moe config must be a YAML mapping, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise RecipeError(f"{source}: {_one_line(err)}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> MoEConfig:
+        return cls.from_dict(load_yaml(path), str(path))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
