@@ -288,7 +288,7 @@ def _status(args: argparse.Namespace) -> int:
     states = ", ".join(f"{n.lower()} {c}" for n, c in sorted(info["states"].items()))
     print(f"experiment {info['experiment']}: {info['counted']}/{info['budget']} trials ({states})")
     stacks = info["stacks"]
-    print(f"{'trial':>6s} {'fitness':>9s}  {'layer stack' if stacks else 'params'}")
+    print(f"{'trial':>6s} {'fitness':>9s}  {info['described_as'] if stacks else 'params'}")
     for i, row in enumerate(info["top"]):
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
         print(f"{row['trial']:6d} {row['values'][0]:9.4f}  {stacks[i] if stacks else params}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.experiments.config import load_config
+from evomerge.search.moe_space import MoESpace
 from evomerge.search.space import SearchSpace, Space
 from evomerge.search.stack import StackSpace
 
@@ -24,12 +25,20 @@ def test_shipped_config_loads(path):
         space: Space = StackSpace(
             cfg.models, dict.fromkeys(cfg.models, 32), repeats=cfg.layers.repeats, depth=(low, high), dtype="float32"
         )
+    elif cfg.moe is not None:  # a mixture-of-experts search
+        assert cfg.base_model is not None and cfg.moe.gate_scale.low and cfg.moe.gate_scale.high
+        space = MoESpace(
+            cfg.models, cfg.base_model, 32, gate_mode=cfg.moe.gate_mode, prompts=cfg.moe.prompts,
+            negative_prompts=cfg.moe.negative_prompts, min_experts=cfg.moe.min_experts,
+            gate_scale=(cfg.moe.gate_scale.low, cfg.moe.gate_scale.high), dtype="float32",
+        )  # fmt: skip
     else:
         space = SearchSpace(cfg.merge, cfg.models, cfg.base_model, n_layers=32)
     dims = next(iter(space.dims.values()))
     assert dims, "the config searches something"
     recipe = space.recipe(space.default_params())
-    assert recipe.merge_method in (["passthrough"] if cfg.layers else cfg.merge.methods)
+    methods = ["passthrough"] if cfg.layers else ["moe"] if cfg.moe else cfg.merge.methods
+    assert recipe.merge_method in methods
 
 
 def test_there_are_shipped_configs():
@@ -46,6 +55,26 @@ def test_there_are_shipped_configs():
         ("models: [a]\nfitness: {tasks: [a]}\nworkers: 0\n", "workers"),
         ("models: [a]\nfitness: {tasks: [a]}\nbogus: 1\n", "bogus"),
         ("- a\n", "mapping"),
+        (
+            "models: [a, b]\nfitness: {tasks: [a]}\nmoe: {gate_mode: random}\n",
+            "moe: a mixture-of-experts search needs a base_model",
+        ),
+        (
+            "models: [a, b]\nbase_model: c\nfitness: {tasks: [a]}\nmoe: {prompts: {a: [x]}}\n",
+            "moe.prompts: gate_mode cheap_embed needs prompts for 'b'",
+        ),
+        (
+            "models: [a, b]\nbase_model: c\nfitness: {tasks: [a]}\nmoe: {gate_mode: random, min_experts: 3}\n",
+            "moe.min_experts: 3",
+        ),
+        (
+            "models: [a, b]\nbase_model: c\nfitness: {tasks: [a]}\nmoe: {gate_mode: random, prompts: {z: [x]}}\n",
+            "moe.prompts: 'z' is not one",
+        ),
+        (
+            "models: [a, b]\nbase_model: c\nfitness: {tasks: [a]}\nmoe: {gate_mode: random, gate_scale: {low: 0, high: 2}}\n",  # noqa: E501
+            "gate_scale",
+        ),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, text, message):

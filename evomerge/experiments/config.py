@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evomerge.errors import EvomergeError
 from evomerge.fitness.evaluate import FitnessConfig
 from evomerge.operators.hub import parse_hub_id, resolve_hub_id
+from evomerge.operators.moe_config import PROMPTLESS, GateMode
 from evomerge.operators.recipe import load_yaml
 from evomerge.search.merge_space import Bounds, MergeSpace
 
@@ -43,6 +44,26 @@ class LayerStack(BaseModel):
             raise ValueError(f"min_layers ({self.min_layers}) is above max_layers ({self.max_layers})")
         if self.scale is not None and (self.scale.low is None or self.scale.high is None or self.scale.low < 0):
             raise ValueError("scale: give a range {low, high} with 0 <= low < high")
+        return self
+
+
+class MoESearch(BaseModel):
+    """Search a Mixtral mixture of experts on ``base_model`` (mergekit-moe): which of the
+    ``models`` become experts (at least ``min_experts``), how many experts each token
+    takes, and each expert's router scale within ``gate_scale`` (log scale). The routers
+    start from each model's ``prompts`` (and ``negative_prompts``) by ``gate_mode``."""
+
+    model_config = ConfigDict(extra="forbid")
+    gate_mode: GateMode = "cheap_embed"
+    prompts: dict[str, list[str]] = Field(default_factory=dict)
+    negative_prompts: dict[str, list[str]] = Field(default_factory=dict)
+    min_experts: int = Field(2, ge=1)
+    gate_scale: Bounds = Field(default_factory=lambda: Bounds(low=0.25, high=4.0))
+
+    @model_validator(mode="after")
+    def _scale(self) -> MoESearch:
+        if self.gate_scale.low is None or self.gate_scale.high is None or self.gate_scale.low <= 0:
+            raise ValueError("gate_scale: give a range {low, high} with 0 < low < high")
         return self
 
 
@@ -101,6 +122,7 @@ class ExperimentConfig(BaseModel):
     base_model: str | None = None
     merge: MergeSpace = Field(default_factory=MergeSpace)
     layers: LayerStack | None = None
+    moe: MoESearch | None = None
     fitness: FitnessConfig
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -150,6 +172,29 @@ class ExperimentConfig(BaseModel):
                 "layers: a layer-stack search searches no merge method or parameters; for a hybrid, "
                 "run the weight search first and list its export under models"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _moe_rules(self) -> ExperimentConfig:
+        moe = self.moe
+        if moe is None:
+            return self
+        if not self.base_model or self.layers is not None:
+            raise ValueError("moe: a mixture-of-experts search needs a base_model and no layers section")
+        if self.merge.parameters or self.merge.methods != ["task_arithmetic"]:
+            raise ValueError("moe: a mixture-of-experts search searches no merge method or parameters")
+        if moe.min_experts > len(self.models):
+            raise ValueError(f"moe.min_experts: {moe.min_experts} is more than the {len(self.models)} models")
+        for field in ("prompts", "negative_prompts"):
+            stray = sorted(set(getattr(moe, field)) - set(self.models))
+            if stray:
+                raise ValueError(f"moe.{field}: '{stray[0]}' is not one of the models")
+        if moe.gate_mode not in PROMPTLESS:
+            missing = [m for m in self.models if not moe.prompts.get(m)]
+            if missing:
+                raise ValueError(f"moe.prompts: gate_mode {moe.gate_mode} needs prompts for '{missing[0]}'")
+            if len(self.models) > 1 and len({tuple(moe.prompts[m]) for m in self.models}) == 1:
+                raise ValueError("moe.prompts: every model has the same prompts; the routers could not tell them apart")
         return self
 
     @model_validator(mode="after")

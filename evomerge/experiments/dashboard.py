@@ -30,6 +30,12 @@ BEST_TAG = "evomerge.best"
 NOTE = "mlflow.note.content"
 
 
+BASELINE_LABELS = {
+    "default_merge": "untuned merge (every weight 1/N)",
+    "all_experts": "every model an expert (gate scales 1)",
+}
+
+
 def columns(tasks: list[str]) -> list[str]:
     """The runs table's metric columns, in order."""
     return ["fitness", "validation_fitness", "test_fitness", *[f"acc.{t}" for t in tasks]]
@@ -72,8 +78,8 @@ def search_params(cfg: ExperimentConfig) -> dict[str, str]:
         "timeout_minutes": s.timeout_minutes,
         "rerank_top": s.rerank_top,
         "pruning": s.pruning.enabled and f"{s.pruning.pruner} {s.pruning.fractions}",
-        "method": ",".join(cfg.merge.methods) if cfg.layers is None else "layer stack",
-        "granularity": cfg.merge.granularity if cfg.layers is None else None,
+        "method": "layer stack" if cfg.layers else "mixture of experts" if cfg.moe else ",".join(cfg.merge.methods),
+        "granularity": cfg.merge.granularity if cfg.layers is None and cfg.moe is None else None,
         "dtype": cfg.merge.dtype,
         "models": len(cfg.models),
         "base_model": cfg.base_model,
@@ -103,7 +109,7 @@ def note(summary: dict[str, Any], experiment_id: str, best_run: str | None, reci
         f"| **{fmt(summary.get('best_test_fitness'))}** |",
     ]
     for name, row in summary.get("baselines", {}).items():
-        label = "untuned merge (every weight 1/N)" if name == "default_merge" else f"start ({name})"
+        label = BASELINE_LABELS.get(name, f"start ({name})")
         rows.append(f"| {label} | {fmt(row.get('fitness'))} | | {fmt(row.get('test_fitness'))} |")
     for name, row in summary.get("sources", {}).items():
         rows.append(f"| source `{name}` | {fmt(row.get('fitness'))} | | {fmt(row.get('test_fitness'))} |")
@@ -129,9 +135,7 @@ def note(summary: dict[str, Any], experiment_id: str, best_run: str | None, reci
     return "\n".join(lines) + "\n"
 
 
-def mark_best(
-    client, experiment_id: str, parent_id: str, number: int, figures: dict[str, float | None]
-) -> str | None:
+def mark_best(client, experiment_id: str, parent_id: str, number: int, figures: dict[str, float | None]) -> str | None:
     """Tag the best trial's child run (and only it) ``evomerge.best``, name it so, and log
     its validation and test figures; a mark left on another trial by an earlier session
     moves. Returns the best run's id (None when the trial has no child run)."""

@@ -50,7 +50,8 @@ def export_trial(
     from evomerge.experiments.run import prepare, recipe_with_paths
     from evomerge.experiments.tracking import model_hash
     from evomerge.operators.engine import run_merge, tensor_seed
-    from evomerge.operators.recipe import Recipe
+    from evomerge.operators.moe import run_moe
+    from evomerge.operators.moe_config import MoEConfig, candidate
     from evomerge.search.loop import origin_of, trial_seed
     from evomerge.search.placement import Placement
 
@@ -77,7 +78,7 @@ def export_trial(
     dtype = study.user_attrs.get("dtype")
     prep = prepare(cfg, log=lambda _: None, placed=Placement(False, 1, None), dtype=dtype)
     named = recipe_with_paths(prep.space.recipe(frozen.params).to_dict(), prep.paths)
-    recipe = Recipe.from_dict(named, f"trial {number}")
+    recipe = candidate(named, f"trial {number}")
     used = set(recipe.referenced_models())
     named_as = {ref: portable_ref(p) for ref, p in prep.paths.items()}
     record: dict[str, Any] = {
@@ -116,8 +117,9 @@ def export_trial(
         write_json(tmp / LINEAGE_FILE, record)
         return [LINEAGE_FILE]
 
-    merged = run_merge(
-        recipe,
+    build = run_moe if isinstance(recipe, MoEConfig) else run_merge
+    merged = build(
+        recipe,  # type: ignore[arg-type]
         out,
         device=device,
         seed=tensor_seed(trial_seed(cfg.search.seed, origin_of(frozen)), "trial"),

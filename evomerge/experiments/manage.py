@@ -63,20 +63,25 @@ def trial_table(path: Path, top: int = 10) -> dict[str, Any]:
         "counted": counted,
         "states": states,
         "top": [{"trial": t.number, "values": t.values, "params": t.params} for t in done[:top]],
-        "stacks": _stacks(cfg, [t.params for t in done[:top]]),
+        "stacks": _described(cfg, [t.params for t in done[:top]]),
+        "described_as": "layer stack" if cfg.layers else "experts (gate scale), per token" if cfg.moe else None,
         "summary": summary,
     }
 
 
-def _stacks(cfg: ExperimentConfig, points: list[dict[str, Any]]) -> list[str] | None:
-    """For a layer-stack search, each point's stack as text (its genes say little)."""
-    if cfg.layers is None or not points:
+def _described(cfg: ExperimentConfig, points: list[dict[str, Any]]) -> list[str] | None:
+    """For a layer-stack or mixture-of-experts search, each point as text (its genes say
+    little): the stack, or the experts with their gate scales and the count per token."""
+    if (cfg.layers is None and cfg.moe is None) or not points:
         return None
     from evomerge.experiments.run import prepare
+    from evomerge.search.moe_space import MoESpace
     from evomerge.search.placement import Placement
     from evomerge.search.stack import StackSpace, runs_of
 
     space = prepare(cfg, log=lambda _: None, placed=Placement(False, 1, None)).space  # no workers placed
+    if isinstance(space, MoESpace):
+        return [_mixture(space, p) for p in points]
     assert isinstance(space, StackSpace)
     return [
         " | ".join(
@@ -86,3 +91,9 @@ def _stacks(cfg: ExperimentConfig, points: list[dict[str, Any]]) -> list[str] | 
         )
         for p in points
     ]
+
+
+def _mixture(space: Any, point: dict[str, Any]) -> str:
+    moe = space.recipe(point)
+    experts = ", ".join(f"{e.source_model.removeprefix('zoo:')} x{e.gate_scale:.2f}" for e in moe.experts)
+    return f"{experts} | {moe.experts_per_token}"

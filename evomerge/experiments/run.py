@@ -23,9 +23,11 @@ from evomerge.experiments.rundir import (
     write_atomic,
     write_json,
 )
+from evomerge.operators.moe_config import candidate
 from evomerge.search.dispatch import run_jobs
 from evomerge.search.loop import Budget, SearchLoop, SearchStats, TrialRecord, record_from_trial, trial_seed
 from evomerge.search.memory import MemoryPlan, default_budget_gib, footprint, plan_memory
+from evomerge.search.moe_space import MoESpace
 from evomerge.search.placement import Node, Placement, cluster_nodes, local_nodes, place
 from evomerge.search.space import SearchSpace, Space
 from evomerge.search.stack import RESIDUAL, StackSpace
@@ -92,9 +94,11 @@ def prepare(
     # recipes carry it, so the export is what was scored
     if dtype is None:
         dtype = cfg.merge.dtype if "dtype" in cfg.merge.model_fields_set or not gpus else "bfloat16"
-    space: SearchSpace | StackSpace
+    space: SearchSpace | StackSpace | MoESpace
     if cfg.layers is not None:
         space = _stack_space(cfg, paths)
+    elif cfg.moe is not None:
+        space = _moe_space(cfg, paths, dtype)
     else:
         first = open_checkpoint(paths[refs[0]])
         n_layers = first.num_layers or 1
@@ -103,7 +107,7 @@ def prepare(
     device = "cuda" if gpus else "cpu"
     spec = WorkerSpec(
         sources=paths,
-        model_ref=refs[0],
+        model_ref=refs[0],  # the base, when there is one
         fitness=cfg.fitness.model_dump(mode="json"),
         zoo_root=str(cfg.zoo_dir()) if cfg.uses_zoo() else None,
         base_dir=str(cfg.source_dir),
@@ -113,6 +117,7 @@ def prepare(
         threads=placed.threads,
         gpus_per_worker=placed.gpus_per_worker,
         stack=cfg.layers is not None,
+        moe=cfg.moe is not None,
     )
     return Prepared(cfg, paths, space, spec, gpus, placed.workers)
 
@@ -123,7 +128,7 @@ def with_memory_plan(prep: Prepared, *, on_cluster: bool = False) -> Prepared:
     streamed sources would not fit the budget. On a cluster the budget is the config's
     (this process does not see the workers' memory)."""
     cfg, spec = prep.cfg, prep.spec
-    if cfg.layers is not None:
+    if cfg.layers is not None or cfg.moe is not None:
         return prep
     from evomerge.operators.recipe import DTYPES
 
@@ -177,6 +182,28 @@ def _scoring_batch(prep: Prepared) -> tuple[int, int, int] | None:
         if shape is not None:
             shapes.append(shape)
     return tuple(max(dim) for dim in zip(*shapes)) if shapes else None  # type: ignore[return-value]
+
+
+def _moe_space(cfg: ExperimentConfig, paths: dict[str, str], dtype: str) -> MoESpace:
+    """The mixture-of-experts space; models that cannot become a Mixtral are refused here
+    (one line naming the model or tensor), before any work starts."""
+    from evomerge.operators.moe import open_moe_sources
+
+    assert cfg.moe is not None and cfg.base_model is not None
+    space = MoESpace(
+        cfg.models,
+        cfg.base_model,
+        0,
+        gate_mode=cfg.moe.gate_mode,
+        prompts=cfg.moe.prompts,
+        negative_prompts=cfg.moe.negative_prompts,
+        min_experts=cfg.moe.min_experts,
+        gate_scale=(float(cfg.moe.gate_scale.low or 0.25), float(cfg.moe.gate_scale.high or 4.0)),
+        dtype=dtype,
+    )
+    src = open_moe_sources(space.recipe(space.default_params()), lambda ref: Path(paths[ref]))
+    space.n_layers = src.layers
+    return space
 
 
 STACK_KEYS = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
@@ -326,7 +353,7 @@ def for_nodes(prep: Prepared) -> WorkerSpec:
 
 def _source_recipe(space: Space, ref: str, dtype: str) -> dict[str, Any]:
     """A source model alone, as the workers can evaluate it (a stack worker merges no weights)."""
-    if isinstance(space, StackSpace):
+    if isinstance(space, (StackSpace, MoESpace)):
         return space.source_recipe(ref)
     return {"merge_method": "linear", "dtype": dtype, "models": [{"model": ref, "parameters": {"weight": 1.0}}]}
 
@@ -336,9 +363,8 @@ def recipe_with_paths(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str
     from the Hub cache by its id at the resolved commit (``org/name@<commit>``), which
     mergekit and evomerge resolve again, on any machine."""
     from evomerge.operators.hub import portable_ref
-    from evomerge.operators.recipe import Recipe
 
-    return Recipe.from_dict(recipe).with_models({r: portable_ref(p) for r, p in paths.items()}).to_dict()
+    return candidate(recipe).with_models({r: portable_ref(p) for r, p in paths.items()}).to_dict()
 
 
 def finalize(
@@ -368,7 +394,7 @@ def finalize(
     candidates: dict[tuple[str, str], tuple[dict[str, Any], int]] = {
         ("best", ""): (best.recipe, trial_seed(seed, best.seed_number)),
         # the search's starting point: the untuned merge (weights 1/N), or a stack search's first model
-        ("baseline", "start" if cfg.layers else "default_merge"): (default_recipe, trial_seed(seed, -1)),
+        ("baseline", _baseline_name(cfg)): (default_recipe, trial_seed(seed, -1)),
         **{("source", ref): (_source_recipe(space, ref, prep.spec.dtype), 0) for ref in _scored_sources(cfg)},
     }
     best_splits: tuple[str | None, ...] = ("test", None) if estimator else ("test",)
@@ -376,9 +402,7 @@ def finalize(
     jobs = [Job(k, candidates[c][0], seed=candidates[c][1], split=split) for k, (c, split) in enumerate(wanted)]
     scored = {wanted[k]: result for k, result in run_jobs(dispatcher, jobs).items()}
     best_named = recipe_with_paths(best.recipe, prep.paths)
-    from evomerge.operators.recipe import Recipe
-
-    write_atomic(run.best_recipe, Recipe.from_dict(best_named).to_yaml())
+    write_atomic(run.best_recipe, candidate(best_named).to_yaml())
 
     def pair(search: JobResult, test: JobResult) -> dict[str, Any]:
         return {
@@ -479,6 +503,12 @@ def _references(summary: dict[str, Any]) -> dict[str, float]:
         if row.get("fitness") is not None:
             out["untuned merge" if name == "default_merge" else name] = row["fitness"]
     return out
+
+
+def _baseline_name(cfg: ExperimentConfig) -> str:
+    """The search's starting point: the untuned merge (weights 1/N), a stack search's
+    first model, or the mixture of every model at gate scale 1."""
+    return "start" if cfg.layers else "all_experts" if cfg.moe else "default_merge"
 
 
 def _scored_sources(cfg: ExperimentConfig) -> list[str]:

@@ -179,10 +179,16 @@ def moe_tensors(
             for part in ("gate_proj", "down_proj", "up_proj"):  # mergekit's order of noise draws
                 parts[part].append(_expert_part(ck, expert, _mlp(i, part), gen, down=part == "down_proj"))
         yield f"model.layers.{i}.mlp.gate.weight", cast(routers[i])
-        # transformers' Mixtral layout: experts stacked on dim 0, gate then up on dim 1
-        gate_up = torch.cat([torch.stack(parts["gate_proj"]), torch.stack(parts["up_proj"])], dim=1)
+        gate_up, down = fuse_experts(parts["gate_proj"], parts["up_proj"], parts["down_proj"])
         yield f"model.layers.{i}.mlp.experts.gate_up_proj", cast(gate_up)
-        yield f"model.layers.{i}.mlp.experts.down_proj", cast(torch.stack(parts["down_proj"]))
+        yield f"model.layers.{i}.mlp.experts.down_proj", cast(down)
+
+
+def fuse_experts(gates: list[Tensor], ups: list[Tensor], downs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """One layer's experts in transformers' Mixtral layout: ``gate_up_proj`` the experts'
+    gate and up projections stacked on dim 0, gate then up on dim 1 (E x 2I x H);
+    ``down_proj`` the down projections stacked (E x H x I)."""
+    return torch.cat([torch.stack(gates), torch.stack(ups)], dim=1), torch.stack(downs)
 
 
 def mixtral_config(cfg: MoEConfig, base_dir: Path, dtype: torch.dtype | None) -> dict[str, Any]:
@@ -205,8 +211,11 @@ def mixtral_config(cfg: MoEConfig, base_dir: Path, dtype: torch.dtype | None) ->
     return out.to_diff_dict()  # what save_pretrained writes: the fields that differ from the defaults
 
 
-def routers_for(cfg: MoEConfig, src: MoESources, gen: torch.Generator, device: str = "cpu") -> Tensor:
-    return gate_vectors(cfg, src.base.path, src.base.get(EMBED), src.layers, gen, device)
+def routers_for(
+    cfg: MoEConfig, src: MoESources, gen: torch.Generator, device: str = "cpu", memo: dict[Any, Any] | None = None
+) -> Tensor:
+    """The routers of ``cfg`` over ``src``'s base (layers x experts x hidden)."""
+    return gate_vectors(cfg, src.base.path, src.base.get(EMBED), src.layers, gen, device, memo)
 
 
 def run_moe(
@@ -221,10 +230,12 @@ def run_moe(
     config_text: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     card_extra: str = "",
+    before_commit: Callable[[Path], list[str]] | None = None,
 ) -> MergeResult:
     """Write the mixture ``cfg`` as a Hugging Face Mixtral directory at ``out_dir``
     (atomically: all of it or nothing), streamed tensor by tensor, with the base's
-    tokenizer, a model card and the config (``config_text`` as the user wrote it)."""
+    tokenizer, a model card and the config (``config_text`` as the user wrote it).
+    ``before_commit`` as :func:`evomerge.operators.engine.run_merge`'s."""
     start = time.perf_counter()
     dev = pick_device(device)
     src = open_moe_sources(cfg, resolver)
@@ -243,6 +254,8 @@ def run_moe(
         finally:
             writer.abort()
         files += _write_files(cfg, src, tmp, dtype, config_text or cfg.to_yaml(), card_extra)
+        if before_commit is not None:
+            files += before_commit(tmp)
     nbytes = sum(e[2].itemsize * math.prod(e[1]) for e in entries)
     return MergeResult(Path(out_dir), len(entries), nbytes, time.perf_counter() - start, sorted(files))
 

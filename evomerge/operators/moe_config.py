@@ -11,13 +11,13 @@ of the prompts' token embeddings (one vector for every layer), ``random`` and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from evomerge.errors import RecipeError
-from evomerge.operators.recipe import DTYPES, _one_line, load_yaml
+from evomerge.operators.recipe import DTYPES, Recipe, _one_line, load_yaml
 
 GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
 PROMPTLESS = ("random", "uniform_random")
@@ -25,7 +25,9 @@ PROMPTLESS = ("random", "uniform_random")
 
 class Expert(BaseModel):
     """One expert: the model whose MLPs it is, the prompts that route to it, and
-    optional noise (std ``noise_scale``) and a factor on its down projection (``residual_scale``)."""
+    optional noise (std ``noise_scale``) and a factor on its down projection (``residual_scale``).
+    ``gate_scale`` (evomerge's, searched; mergekit-moe ignores it) multiplies the expert's
+    router row: its logit, so how often and how strongly the expert is chosen."""
 
     model_config = ConfigDict(extra="forbid")
     source_model: str
@@ -33,6 +35,7 @@ class Expert(BaseModel):
     negative_prompts: list[str] | None = None
     noise_scale: float | None = None
     residual_scale: float | None = None
+    gate_scale: float | None = None
 
     def prompts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return tuple(self.positive_prompts or ()), tuple(self.negative_prompts or ())
@@ -91,6 +94,23 @@ class MoEConfig(BaseModel):
         """The base model, then every expert's source (in order, once each)."""
         return list(dict.fromkeys([self.base_model, *(e.source_model for e in self.experts)]))
 
+    # what a search candidate and its export ask of a recipe (as :class:`Recipe` has it)
+    merge_method: ClassVar[str] = "moe"
+
+    def referenced_models(self) -> list[str]:
+        return self.models()
+
+    def with_models(self, mapping: dict[str, str]) -> MoEConfig:
+        """A copy with model references renamed through ``mapping`` (others kept)."""
+        out = self.model_copy(deep=True)
+        out.base_model = mapping.get(out.base_model, out.base_model)
+        for e in out.experts:
+            e.source_model = mapping.get(e.source_model, e.source_model)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
     @classmethod
     def from_dict(cls, data: Any, source: str = "moe config") -> MoEConfig:
         if not isinstance(data, dict):
@@ -105,4 +125,14 @@ class MoEConfig(BaseModel):
         return cls.from_dict(load_yaml(path), str(path))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def is_moe(recipe: dict[str, Any]) -> bool:
+    """Whether a recipe dict is a mixture of experts (mergekit-moe's ``experts:``)."""
+    return "experts" in recipe
+
+
+def candidate(recipe: dict[str, Any], source: str = "recipe") -> Recipe | MoEConfig:
+    """A recipe dict as what it is: a mergekit recipe or a mergekit-moe config."""
+    return MoEConfig.from_dict(recipe, source) if is_moe(recipe) else Recipe.from_dict(recipe, source)

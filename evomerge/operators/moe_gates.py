@@ -24,34 +24,57 @@ from evomerge.operators.moe_config import MoEConfig
 
 
 def gate_vectors(
-    cfg: MoEConfig, base_dir: Path, embed: Tensor, layers: int, gen: torch.Generator, device: str = "cpu"
+    cfg: MoEConfig,
+    base_dir: Path,
+    embed: Tensor,
+    layers: int,
+    gen: torch.Generator,
+    device: str = "cpu",
+    memo: dict[Any, Any] | None = None,
 ) -> Tensor:
     """The routers' weights, layers x experts x hidden (float32 for the prompt-free
-    modes and ``cheap_embed``, bfloat16 for the hidden-state modes, as mergekit)."""
+    modes and ``cheap_embed``, bfloat16 for the hidden-state modes, as mergekit), each
+    expert's row times its ``gate_scale``. ``memo`` keeps the tokenizer, the base model
+    and each prompt set's rows between calls (a search worker's candidates share them)."""
     shape = (layers, len(cfg.experts), embed.shape[1])
     if cfg.gate_mode == "random":
-        return torch.randn(shape, generator=gen)
+        return _scaled(cfg, torch.randn(shape, generator=gen))
     if cfg.gate_mode == "uniform_random":
         bound = math.sqrt(1.0 / shape[2])  # nn.Linear's default initialisation range
-        return torch.rand(shape, generator=gen) * 2 * bound - bound
-    tokenizer = _tokenizer(base_dir)
+        return _scaled(cfg, torch.rand(shape, generator=gen) * 2 * bound - bound)
+    memo = {} if memo is None else memo
+    if "tokenizer" not in memo:
+        memo["tokenizer"] = _tokenizer(base_dir)
+    tokenizer = memo["tokenizer"]
     if cfg.gate_mode == "cheap_embed":
 
         def vec(prompts: list[str]) -> Tensor:
             return _cheap_embedding(embed, _tokenize(tokenizer, prompts)).repeat(layers, 1)
     else:
-        model = _load_model(base_dir, device)
+        if "model" not in memo:
+            memo["model"] = _load_model(base_dir, device)
 
         def vec(prompts: list[str]) -> Tensor:
-            return _hidden_states(model, _tokenize(tokenizer, prompts), average=cfg.gate_mode == "hidden_avg")
+            return _hidden_states(memo["model"], _tokenize(tokenizer, prompts), average=cfg.gate_mode == "hidden_avg")
 
     rows = []
     for expert in cfg.experts:
-        v = vec(expert.positive_prompts or [])
-        if expert.negative_prompts:
-            v = v - vec(expert.negative_prompts)
-        rows.append(v / v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8))
-    return torch.stack(rows, dim=0).permute(1, 0, 2).cpu()
+        key = (cfg.gate_mode, *expert.prompts())
+        if key not in memo:
+            v = vec(expert.positive_prompts or [])
+            if expert.negative_prompts:
+                v = v - vec(expert.negative_prompts)
+            memo[key] = (v / v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)).cpu()
+        rows.append(memo[key])
+    return _scaled(cfg, torch.stack(rows, dim=0).permute(1, 0, 2))
+
+
+def _scaled(cfg: MoEConfig, gates: Tensor) -> Tensor:
+    """Each expert's router rows times its ``gate_scale`` (where set)."""
+    if all(e.gate_scale is None for e in cfg.experts):
+        return gates
+    scale = torch.tensor([1.0 if e.gate_scale is None else e.gate_scale for e in cfg.experts])
+    return gates * scale.to(gates.dtype)[None, :, None]
 
 
 def _tokenizer(base_dir: Path) -> Any:

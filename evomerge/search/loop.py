@@ -251,8 +251,11 @@ def _recipe_key(recipe: dict[str, Any]) -> str | None:
     Spaces with discrete decodings, such as layer stacks, map many points to one
     recipe; CMA-ES near its mean proposes the same stack again and again."""
     from evomerge.errors import EvomergeError
+    from evomerge.operators.moe_config import PROMPTLESS, is_moe
     from evomerge.operators.registry import get_operator
 
+    if is_moe(recipe):  # random gates are drawn from the trial seed
+        return None if recipe.get("gate_mode") in PROMPTLESS else json.dumps(recipe, sort_keys=True, default=str)
     try:
         if get_operator(str(recipe.get("merge_method", "passthrough"))).random:
             return None

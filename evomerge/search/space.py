@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from evomerge.errors import EvomergeError
+from evomerge.operators.moe_config import MoEConfig
 from evomerge.operators.recipe import Recipe
 from evomerge.operators.registry import Operator, Param, get_operator
 from evomerge.search.merge_space import Bounds, MergeSpace
@@ -47,7 +48,7 @@ class Space(Protocol):
 
     def default_params(self, method: str | None = None) -> dict[str, Any]: ...
 
-    def recipe(self, params: dict[str, Any], paths: dict[str, str] | None = None) -> Recipe: ...
+    def recipe(self, params: dict[str, Any], paths: dict[str, str] | None = None) -> Recipe | MoEConfig: ...
 
     def complete(self, params: dict[str, Any]) -> bool: ...
 

@@ -50,6 +50,7 @@ class WorkerSpec:
     read_ahead: int = 256 << 20  # streamed: bytes copied ahead of the merge at most
     gpus_per_worker: int = 1  # devices the resident model is split over by layers (evomerge.search.split)
     stack: bool = False  # candidates are layer stacks (passthrough slices), evaluated without merging weights
+    moe: bool = False  # candidates are mixtures of experts on the base ``model_ref`` (evomerge.search.moe_models)
     # for a node that cannot see the driver's paths (evomerge.shipping): the fitness's files,
     # and with ``models_from: driver`` each source's files, as Files or a stored handle of them
     fitness_files: Any = None
@@ -261,6 +262,12 @@ class MergeWorker:
         if spec.stack:
             self.stacks = StackedModels({r: Path(p) for r, p in spec.sources.items()}, self.device, dtype)
             self.model, self.tokenizer = self.stacks.shell, self.stacks.tokenizer
+        elif spec.moe:
+            from evomerge.search.moe_models import MoEModels
+
+            sources = {r: Path(p) for r, p in spec.sources.items()}
+            self.mixtures = MoEModels(sources, spec.model_ref, self.device, dtype)
+            self.model, self.tokenizer = None, self.mixtures.tokenizer
         else:
             streamed = spec.placement == "streamed"
             self.devices = worker_devices(self.device, spec.gpus_per_worker)
@@ -415,11 +422,12 @@ class MergeWorker:
         start = time.perf_counter()
         result = JobResult(job.key, fraction=job.fraction, split=job.split)
         try:
-            recipe = Recipe.from_dict(job.recipe, f"trial {job.key}")
-            if self.spec.stack:
-                self.model = self.stacks.assemble(recipe)
+            if self.spec.moe:
+                self.model, self.tokenizer = self.mixtures.assemble(job.recipe, tensor_seed(job.seed, "trial"))
+            elif self.spec.stack:
+                self.model = self.stacks.assemble(Recipe.from_dict(job.recipe, f"trial {job.key}"))
             else:
-                self.merge(recipe, tensor_seed(job.seed, "trial"))
+                self.merge(Recipe.from_dict(job.recipe, f"trial {job.key}"), tensor_seed(job.seed, "trial"))
             merged = time.perf_counter()
             result.merge_seconds = merged - start
             fit = self.evaluator(job.split).evaluate(
