@@ -123,6 +123,19 @@ def test_lineage_follows_merges_of_merges_written_by_mergekit(tiny_zoo, tmp_path
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_lineage_of_a_mixture_of_experts_reaches_its_base_and_experts(tiny_zoo, tmp_path):
+    from evomerge.experiments.lineage import build_tree
+    from evomerge.operators.moe import run_moe
+    from evomerge.operators.moe_config import MoEConfig
+
+    experts = [{"source_model": str(tiny_zoo / m)} for m in ("cp", "rev")]
+    cfg = MoEConfig.model_validate({"base_model": str(tiny_zoo / "base"), "gate_mode": "random", "experts": experts})
+    out = run_moe(cfg, tmp_path / "mixture").out_dir
+    tree = build_tree(out)
+    edges = {(tree.nodes[e.parent].name, tree.nodes[e.child].name, e.method) for e in tree.edges}
+    assert {("base", "mixture", "moe"), ("cp", "mixture", "moe"), ("rev", "mixture", "moe")} <= edges
+
+
 def test_a_merge_of_differently_licensed_models_derives_no_licence(tiny_zoo, tmp_path):
     import shutil
 

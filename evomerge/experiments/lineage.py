@@ -74,8 +74,13 @@ def _as_list(value: Any) -> list[str]:
 
 
 def _mergekit_parents(config: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
-    """(method, [(reference, role)]) of a mergekit config."""
+    """(method, [(reference, role)]) of a mergekit config (or a mergekit-moe one: the
+    base, then each expert's source)."""
     refs: list[tuple[str, str]] = []
+    if isinstance(config.get("experts"), list):
+        experts = [e.get("source_model") for e in config["experts"] if isinstance(e, dict)]
+        found = [(str(config.get("base_model")), "base")] if config.get("base_model") else []
+        return "moe", found + [(str(m), "source") for m in dict.fromkeys(experts) if m]
 
     def add(model: Any, role: str = "source") -> None:
         if isinstance(model, dict):
@@ -108,7 +113,8 @@ def parents_of(model_dir: Path) -> tuple[str, list[tuple[str, str]], dict[str, A
         parents = [p for p in data.get("parents", []) if isinstance(p, dict) and (p.get("path") or p.get("name"))]
         refs = [(str(p.get("path") or p.get("name")), str(p.get("role", "source"))) for p in parents]
         return str(data.get("method", "merge")), refs, data
-    for config in (model_dir / "mergekit_config.yml", model_dir / "best_recipe.yml"):  # a model; a run directory
+    names = ("mergekit_config.yml", "mergekit_moe_config.yml", "best_recipe.yml")  # a model's; a run directory's
+    for config in (model_dir / name for name in names):
         if not config.is_file():
             continue
         try:
