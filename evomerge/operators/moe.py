@@ -1,5 +1,6 @@
 """Mixture-of-experts merges (mergekit-moe): dense Llama or Mistral fine-tunes become
-the experts of a Mixtral model.
+the experts of a Mixtral model (with a shared expert, of a Qwen2-MoE model: see
+:mod:`evomerge.operators.moe_qwen`).
 
 The output keeps the base's embeddings, attention and norms; layer l's expert e is
 expert e's MLP at layer l (``gate_proj``/``up_proj`` fused into ``gate_up_proj``,
@@ -18,7 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from evomerge.operators.recipe import DTYPES
 from evomerge.operators.writer import Entry, ShardWriter, atomic_directory, write_text
 
 DENSE_TYPES = ("llama", "mistral")
+QWEN_TYPES = ("llama", "mistral", "qwen2")  # what mergekit-moe makes a Qwen2-MoE of
 EMBED = "model.embed_tokens.weight"
 LAYER_KEEP = (
     "input_layernorm.weight",
@@ -55,6 +57,8 @@ class MoESources:
 
     base: Checkpoint
     experts: list[Checkpoint]
+    shared: list[Checkpoint] = field(default_factory=list)  # the shared expert's model (Qwen2-MoE)
+    arch: str = "mixtral"  # the output's model_type: mixtral or qwen2_moe
 
     @property
     def layers(self) -> int:
@@ -74,32 +78,63 @@ class MoESources:
 def open_moe_sources(
     cfg: MoEConfig, resolver: Callable[[str], Path] = resolve_model_path, allow_pickle: bool = False
 ) -> MoESources:
-    """Open and check the models: all Llama or all Mistral, one architecture and one MLP
-    shape, every tensor of the base with a place in a Mixtral. One line on a misfit."""
+    """Open and check the models: one architecture (Llama or Mistral; Qwen2 too for a
+    Qwen2-MoE) and one MLP shape, every tensor of the base with a place in the output.
+    One line on a misfit."""
     opened = {name: open_checkpoint(resolver(name), allow_pickle=allow_pickle) for name in cfg.models()}
-    src = MoESources(opened[cfg.base_model], [opened[e.source_model] for e in cfg.experts])
-    _check(cfg, src, opened)
+    shared = [opened[e.source_model] for e in cfg.shared_experts or []]
+    src = MoESources(opened[cfg.base_model], [opened[e.source_model] for e in cfg.experts], shared)
+    src.arch = output_arch(cfg, {name: ck.config.get("model_type") for name, ck in opened.items()})
+    _check(cfg, src)
     return src
 
 
-def _check(cfg: MoEConfig, src: MoESources, opened: dict[str, Checkpoint]) -> None:
-    types = {name: ck.config.get("model_type") for name, ck in opened.items()}
+def output_arch(cfg: MoEConfig, types: dict[str, Any]) -> str:
+    """The output's model_type, as mergekit-moe 0.1.5 picks it: a Mixtral without shared
+    experts (Llama or Mistral sources), a Qwen2-MoE with one whose gate has prompts (or
+    random gates; Llama, Mistral or Qwen2 sources). mergekit-moe's DeepSeek-MoE (a shared
+    expert with no gate) is not written."""
     for name, kind in types.items():
-        if kind not in DENSE_TYPES:
-            raise ModelError(f"{name}: model_type '{kind}' cannot become part of a Mixtral (llama or mistral only)")
+        if kind not in QWEN_TYPES:
+            raise ModelError(f"{name}: model_type '{kind}' cannot become part of a Mixtral or Qwen2-MoE")
     if len(set(types.values())) > 1:
         listed = ", ".join(f"{n}: {t}" for n, t in types.items())
-        raise ModelError(f"the models mix architectures ({listed}); a Mixtral needs one")
+        raise ModelError(f"the models mix architectures ({listed}); a mixture of experts needs one")
+    kind, wanted = next(iter(types.values())), (cfg.architecture or "").lower()
+    if not cfg.shared_experts:
+        if wanted and "qwen moe".startswith(wanted):
+            raise ModelError("architecture: a Qwen2-MoE needs exactly one shared expert (shared_experts)")
+        if kind not in DENSE_TYPES:
+            raise ModelError(
+                f"{cfg.base_model}: model_type '{kind}' cannot become part of a Mixtral (llama or mistral); "
+                "with one shared expert it makes a Qwen2-MoE"
+            )
+        return "mixtral"
+    if wanted and "mixtral".startswith(wanted):
+        raise ModelError("shared_experts: a Mixtral has no shared expert (architecture: qwen writes a Qwen2-MoE)")
+    shared = cfg.shared_experts[0]
+    if kind in DENSE_TYPES and not wanted and not (shared.positive_prompts or shared.negative_prompts):
+        raise ModelError(
+            "shared_experts.0: a shared expert without prompts makes mergekit-moe write a DeepSeek-MoE, which "
+            "evomerge does not; give it prompts or set architecture: qwen for a Qwen2-MoE"
+        )
+    return "qwen2_moe"
+
+
+def _check(cfg: MoEConfig, src: MoESources) -> None:
+    from evomerge.operators.moe_qwen import qwen_kept
+
     if not src.layers:
         raise ModelError(f"{cfg.base_model}: config.json gives no num_hidden_layers")
-    missing = [n for n in src.kept() if n not in src.base.tensors]
+    kept = src.kept() if src.arch == "mixtral" else [n for n in qwen_kept(src) if not n.endswith("_proj.bias")]
+    missing = [n for n in kept if n not in src.base.tensors]
     if missing:
         raise ModelError(f"{cfg.base_model}: has no tensor '{missing[0]}' for the mixture")
-    placed = set(src.kept())
+    placed = set(kept if src.arch == "mixtral" else qwen_kept(src))
     for name in src.base.tensors:
         if name not in placed and ".mlp." not in name:
-            raise ModelError(f"{cfg.base_model}: tensor '{name}' has no place in a Mixtral")
-    for expert, ck in zip(cfg.experts, src.experts):
+            raise ModelError(f"{cfg.base_model}: tensor '{name}' has no place in a {_NAMES[src.arch]}")
+    for expert, ck in zip([*cfg.experts, *(cfg.shared_experts or [])], [*src.experts, *src.shared]):
         if ck.num_layers != src.layers:
             raise ModelError(f"{expert.source_model}: {ck.num_layers} layers, the base has {src.layers}")
         for i in range(src.layers):
@@ -117,6 +152,14 @@ def _check(cfg: MoEConfig, src: MoESources, opened: dict[str, Checkpoint]) -> No
         raise ModelError(f"{cfg.experts[0].source_model}: its MLP is not of the base's hidden size {hidden}")
 
 
+_NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}
+
+
+def router_dtype(src: MoESources, dtype: torch.dtype | None) -> torch.dtype:
+    """The routers' dtype: the output's, else (no dtype anywhere) the base embedding's."""
+    return dtype or src.base.tensors[EMBED].dtype
+
+
 def _mlp(layer: int, part: str) -> str:
     return f"model.layers.{layer}.mlp.{part}.weight"
 
@@ -129,6 +172,10 @@ def out_dtype(cfg: MoEConfig, base: Checkpoint) -> torch.dtype | None:
 
 def moe_entries(src: MoESources, dtype: torch.dtype | None) -> list[Entry]:
     """Every output tensor's name, shape and dtype, in the order :func:`moe_tensors` yields them."""
+    if src.arch == "qwen2_moe":
+        from evomerge.operators.moe_qwen import qwen_entries
+
+        return qwen_entries(src, dtype)
     experts = len(src.experts)
     entries: list[Entry] = []
     for name in src.kept():
@@ -140,7 +187,7 @@ def moe_entries(src: MoESources, dtype: torch.dtype | None) -> list[Entry]:
             down = src.experts[0].tensors[_mlp(i, "down_proj")]
             hidden = gate.shape[1]
             entries += [
-                (f"model.layers.{i}.mlp.gate.weight", (experts, hidden), dtype or gate.dtype),
+                (f"model.layers.{i}.mlp.gate.weight", (experts, hidden), router_dtype(src, dtype)),
                 (
                     f"model.layers.{i}.mlp.experts.gate_up_proj",
                     (experts, 2 * gate.shape[0], hidden),
@@ -151,7 +198,8 @@ def moe_entries(src: MoESources, dtype: torch.dtype | None) -> list[Entry]:
     return entries
 
 
-def _expert_part(ck: Checkpoint, expert: Expert, name: str, gen: torch.Generator, down: bool) -> Tensor:
+def expert_part(ck: Checkpoint, expert: Expert, name: str, gen: torch.Generator, down: bool) -> Tensor:
+    """An expert's MLP tensor, with its noise (drawn from ``gen``) and, on ``down_proj``, its residual scale."""
     t = ck.get(name)
     if expert.noise_scale is not None:
         t = t + torch.randn(t.shape, dtype=t.dtype, generator=gen) * expert.noise_scale
@@ -164,7 +212,12 @@ def moe_tensors(
     cfg: MoEConfig, src: MoESources, routers: Tensor, gen: torch.Generator, dtype: torch.dtype | None
 ) -> Iterator[tuple[str, Tensor]]:
     """The mixture's tensors, one at a time, in :func:`moe_entries`' order. ``routers``
-    is layers x experts x hidden; ``gen`` draws the experts' noise."""
+    is layers x gated experts x hidden; ``gen`` draws the experts' noise."""
+    if src.arch == "qwen2_moe":
+        from evomerge.operators.moe_qwen import qwen_tensors
+
+        yield from qwen_tensors(cfg, src, routers, gen, dtype)
+        return
 
     def cast(t: Tensor) -> Tensor:
         return (t.to(dtype) if dtype is not None else t).contiguous()
@@ -177,8 +230,8 @@ def moe_tensors(
         parts: dict[str, list[Tensor]] = {p: [] for p in MLP}
         for expert, ck in zip(cfg.experts, src.experts):
             for part in ("gate_proj", "down_proj", "up_proj"):  # mergekit's order of noise draws
-                parts[part].append(_expert_part(ck, expert, _mlp(i, part), gen, down=part == "down_proj"))
-        yield f"model.layers.{i}.mlp.gate.weight", cast(routers[i])
+                parts[part].append(expert_part(ck, expert, _mlp(i, part), gen, down=part == "down_proj"))
+        yield f"model.layers.{i}.mlp.gate.weight", routers[i].to(router_dtype(src, dtype)).contiguous()
         gate_up, down = fuse_experts(parts["gate_proj"], parts["up_proj"], parts["down_proj"])
         yield f"model.layers.{i}.mlp.experts.gate_up_proj", cast(gate_up)
         yield f"model.layers.{i}.mlp.experts.down_proj", cast(down)
@@ -264,7 +317,13 @@ def _write_files(
     cfg: MoEConfig, src: MoESources, out: Path, dtype: torch.dtype | None, config_text: str, extra: str
 ) -> list[str]:
     written = ["config.json", "README.md", CONFIG_FILE]
-    write_text(out / "config.json", json.dumps(mixtral_config(cfg, src.base.path, dtype), indent=2) + "\n")
+    if src.arch == "qwen2_moe":
+        from evomerge.operators.moe_qwen import qwen_config
+
+        config = qwen_config(cfg, src.base.path, dtype)
+    else:
+        config = mixtral_config(cfg, src.base.path, dtype)
+    write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     for name in [*TOKENIZER_FILES, "generation_config.json"]:
         if (src.base.path / name).is_file():
             shutil.copyfile(src.base.path / name, out / name)
@@ -276,11 +335,13 @@ def _write_files(
 
 def moe_card(cfg: MoEConfig, src: MoESources, config_text: str, extra: str = "") -> str:
     """The mixture's README.md: front matter, the base and experts, the licence, the config."""
-    paths = {cfg.base_model: src.base.path} | {e.source_model: ck.path for e, ck in zip(cfg.experts, src.experts)}
+    everyone = zip([*cfg.experts, *(cfg.shared_experts or [])], [*src.experts, *src.shared])
+    paths = {cfg.base_model: src.base.path} | {e.source_model: ck.path for e, ck in everyone}
     sources = cfg.models()
     lic, why = shared_license({name: license_of(paths[name]) for name in sources})
     listed, front = card_sources(sources, paths, lic, tags=("moe",))
     experts = [f"{i}. `{e.source_model}`" for i, e in enumerate(cfg.experts)]
+    experts += [f"- shared (every token): `{e.source_model}`" for e in cfg.shared_experts or []]
     body = [
         "---",
         yaml.safe_dump(front, sort_keys=False).rstrip(),
@@ -288,7 +349,7 @@ def moe_card(cfg: MoEConfig, src: MoESources, config_text: str, extra: str = "")
         "",
         "# Mixture of experts",
         "",
-        f"A Mixtral mixture of {len(cfg.experts)} experts ({cfg.experts_per_token} per token) made with "
+        f"A {_NAMES[src.arch]} mixture of {len(cfg.experts)} experts ({cfg.experts_per_token} per token) made with "
         f"evomerge from dense fine-tunes: attention, norms and embeddings from `{cfg.base_model}`, each "
         f"expert the MLPs of one model, the routers initialised by `{cfg.gate_mode}`.",
         "",

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from evomerge.errors import RecipeError
 from evomerge.operators.recipe import DTYPES, Recipe, _one_line, load_yaml
 
+ARCHITECTURES = {"mixtral": "mixtral", "qwen moe": "qwen2_moe"}  # mergekit-moe's names -> model_type
 GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
 PROMPTLESS = ("random", "uniform_random")
 
@@ -42,7 +43,9 @@ class Expert(BaseModel):
 
 
 class MoEConfig(BaseModel):
-    """A ``mergekit-moe`` config; the output is a Mixtral model (``MixtralForCausalLM``)."""
+    """A ``mergekit-moe`` config. The output is a Mixtral (``MixtralForCausalLM``), or with
+    one shared expert (an MLP every token goes through, behind a gate of its own) a
+    Qwen2-MoE (``Qwen2MoeForCausalLM``), as mergekit-moe 0.1.5 chooses."""
 
     model_config = ConfigDict(extra="forbid")
     base_model: str
@@ -62,9 +65,9 @@ class MoEConfig(BaseModel):
 
     @field_validator("architecture")
     @classmethod
-    def _mixtral_only(cls, v: str | None) -> str | None:
-        if v is not None and not "mixtral".startswith(v.lower()):
-            raise ValueError(f"'{v}': evomerge writes Mixtral mixtures of experts (architecture: mixtral)")
+    def _written(cls, v: str | None) -> str | None:
+        if v is not None and not any(name.startswith(v.lower()) for name in ARCHITECTURES):
+            raise ValueError(f"'{v}': evomerge writes Mixtral or Qwen2-MoE mixtures (architecture: mixtral or qwen)")
         return v
 
     @model_validator(mode="after")
@@ -75,10 +78,12 @@ class MoEConfig(BaseModel):
             raise ValueError(
                 f"experts_per_token: {self.experts_per_token} is not between 1 and the {len(self.experts)} expert(s)"
             )
-        if self.shared_experts:
+        if self.shared_experts and len(self.shared_experts) > 1:
+            raise ValueError("shared_experts: one shared expert at most (a Qwen2-MoE has one)")
+        if self.shared_experts and self.gate_mode not in PROMPTLESS and not self.shared_experts[0].positive_prompts:
             raise ValueError(
-                "shared_experts: a Mixtral output has no shared expert (mergekit writes those as Qwen2-MoE or "
-                "DeepSeek-MoE, which evomerge does not write)"
+                f"shared_experts.0.positive_prompts: gate_mode {self.gate_mode} needs prompts for the shared "
+                "expert's gate (without them mergekit-moe writes a DeepSeek-MoE, which evomerge does not)"
             )
         if self.gate_mode not in PROMPTLESS:
             for i, e in enumerate(self.experts):
@@ -91,8 +96,17 @@ class MoEConfig(BaseModel):
         return self
 
     def models(self) -> list[str]:
-        """The base model, then every expert's source (in order, once each)."""
-        return list(dict.fromkeys([self.base_model, *(e.source_model for e in self.experts)]))
+        """The base model, then every expert's source, then the shared expert's (in order, once each)."""
+        shared = [e.source_model for e in self.shared_experts or []]
+        return list(dict.fromkeys([self.base_model, *(e.source_model for e in self.experts), *shared]))
+
+    def gated(self) -> list[Expert]:
+        """The experts whose router rows the gates compute: every expert, then the shared
+        one (when it has prompts, or the gates are random)."""
+        shared = self.shared_experts or []
+        if shared and (shared[0].positive_prompts or self.gate_mode in PROMPTLESS):
+            return [*self.experts, *shared]
+        return list(self.experts)
 
     # what a search candidate and its export ask of a recipe (as :class:`Recipe` has it)
     merge_method: ClassVar[str] = "moe"
@@ -104,7 +118,7 @@ class MoEConfig(BaseModel):
         """A copy with model references renamed through ``mapping`` (others kept)."""
         out = self.model_copy(deep=True)
         out.base_model = mapping.get(out.base_model, out.base_model)
-        for e in out.experts:
+        for e in [*out.experts, *(out.shared_experts or [])]:
             e.source_model = mapping.get(e.source_model, e.source_model)
         return out
 

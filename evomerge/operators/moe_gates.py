@@ -32,11 +32,11 @@ def gate_vectors(
     device: str = "cpu",
     memo: dict[Any, Any] | None = None,
 ) -> Tensor:
-    """The routers' weights, layers x experts x hidden (float32 for the prompt-free
+    """The routers' weights, layers x gated experts (:meth:`MoEConfig.gated`) x hidden (float32 for the prompt-free
     modes and ``cheap_embed``, bfloat16 for the hidden-state modes, as mergekit), each
     expert's row times its ``gate_scale``. ``memo`` keeps the tokenizer, the base model
     and each prompt set's rows between calls (a search worker's candidates share them)."""
-    shape = (layers, len(cfg.experts), embed.shape[1])
+    shape = (layers, len(cfg.gated()), embed.shape[1])
     if cfg.gate_mode == "random":
         return _scaled(cfg, torch.randn(shape, generator=gen))
     if cfg.gate_mode == "uniform_random":
@@ -58,7 +58,7 @@ def gate_vectors(
             return _hidden_states(memo["model"], _tokenize(tokenizer, prompts), average=cfg.gate_mode == "hidden_avg")
 
     rows = []
-    for expert in cfg.experts:
+    for expert in cfg.gated():
         key = (cfg.gate_mode, *expert.prompts())
         if key not in memo:
             v = vec(expert.positive_prompts or [])
@@ -71,9 +71,9 @@ def gate_vectors(
 
 def _scaled(cfg: MoEConfig, gates: Tensor) -> Tensor:
     """Each expert's router rows times its ``gate_scale`` (where set)."""
-    if all(e.gate_scale is None for e in cfg.experts):
+    if all(e.gate_scale is None for e in cfg.gated()):
         return gates
-    scale = torch.tensor([1.0 if e.gate_scale is None else e.gate_scale for e in cfg.experts])
+    scale = torch.tensor([1.0 if e.gate_scale is None else e.gate_scale for e in cfg.gated()])
     return gates * scale.to(gates.dtype)[None, :, None]
 
 

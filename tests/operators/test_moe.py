@@ -42,20 +42,33 @@ def _config(zoo: Path, gate_mode: str, **extra) -> dict:
     }
 
 
+def _shared(zoo: Path, gate_mode: str) -> dict:
+    """A Qwen2-MoE config: the base as the shared expert (mergekit-moe 0.1.5 reads only the
+    base's and the experts' models, so its shared expert must be one of them)."""
+    shared = {"source_model": str(zoo / "base"), "positive_prompts": ["cp:a=", "sort:b="], "noise_scale": 0.02,
+              "residual_scale": 0.5}  # fmt: skip
+    return _config(zoo, gate_mode, shared_experts=[shared])
+
+
 def _mergekit_moe() -> str:
     exe = Path(mergekit()).with_name("mergekit-moe")
     assert exe.is_file(), f"{exe}: mergekit-moe is installed with mergekit-yaml"
     return str(exe)
 
 
+QWEN = [f"qwen-{m}" for m in ("cheap_embed", "random", "hidden")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("gate_mode", ["cheap_embed", "random", "uniform_random", "hidden", "hidden_avg"])
+@pytest.mark.parametrize("gate_mode", ["cheap_embed", "random", "uniform_random", "hidden", "hidden_avg", *QWEN])
 def test_every_tensor_and_the_config_as_mergekit_moe(tiny_zoo, tmp_path, gate_mode):
     """The same YAML through `evomerge moe --seed 3` and `mergekit-moe --random-seed 3`:
     every tensor bit-equal (the hidden-state gates too: both run the base in bfloat16 on
-    the CPU), and the same config.json."""
+    the CPU), and the same config.json; a Mixtral, and with a shared expert a Qwen2-MoE."""
     path = tmp_path / "moe.yml"
-    path.write_text(yaml.safe_dump(_config(tiny_zoo, gate_mode)))
+    qwen = gate_mode.startswith("qwen-")
+    data = _shared(tiny_zoo, gate_mode[5:]) if qwen else _config(tiny_zoo, gate_mode)
+    path.write_text(yaml.safe_dump(data))
     res = run_cli("moe", str(path), str(tmp_path / "ev"), "--seed", "3", "--quiet")
     assert res.returncode == 0, res.stderr[-3000:]
     mk = subprocess.run([_mergekit_moe(), str(path), str(tmp_path / "mk"), "--random-seed", "3"],
@@ -69,6 +82,29 @@ def test_every_tensor_and_the_config_as_mergekit_moe(tiny_zoo, tmp_path, gate_mo
         (tmp_path / "mk" / "config.json").read_text()
     )
     assert (tmp_path / "ev" / "mergekit_moe_config.yml").read_text() == path.read_text()
+    arch = json.loads((tmp_path / "ev" / "config.json").read_text())["architectures"]
+    assert arch == (["Qwen2MoeForCausalLM"] if qwen else ["MixtralForCausalLM"])
+
+
+def test_a_shared_expert_makes_a_qwen2_moe_that_transformers_runs(tiny_zoo, tmp_path):
+    """A shared expert of its own model (which mergekit-moe 0.1.5 cannot read): every token
+    goes through it; Llama attention gets zero q/k/v biases."""
+    from transformers import AutoModelForCausalLM
+
+    data = _shared(tiny_zoo, "cheap_embed")
+    data["shared_experts"][0] |= {"source_model": str(tiny_zoo / "sort"), "noise_scale": None}
+    out = run_moe(MoEConfig.model_validate(data), tmp_path / "q").out_dir
+    merged = load_file(out / "model.safetensors")
+    sort = load_file(tiny_zoo / "sort" / "model.safetensors")
+    up = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(merged["model.layers.1.mlp.shared_expert.up_proj.weight"], sort[up])
+    assert not merged["model.layers.0.self_attn.q_proj.bias"].any()
+    assert merged["model.layers.0.mlp.shared_expert_gate.weight"].shape == (1, sort[up].shape[1])
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert type(model).__name__ == "Qwen2MoeForCausalLM" and model.config.num_experts == 3
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[3, 7, 11, 5]])).logits).all()
+    assert "shared (every token)" in (out / "README.md").read_text()
 
 
 def test_a_mixture_of_one_model_twice_computes_that_model(tiny_zoo, tmp_path):
@@ -122,7 +158,14 @@ def test_experts_of_a_different_rank_are_their_own(tiny_zoo, tmp_path):
     [
         ({"gate_mode": "hidden", "drop_prompts": True}, "experts.0.positive_prompts: gate_mode hidden needs prompts"),
         ({"experts_per_token": 4}, "experts_per_token: 4 is not between 1 and the 3 expert(s)"),
-        ({"shared_experts": [{"source_model": "x"}]}, "shared_experts: a Mixtral output has no shared expert"),
+        (
+            {"shared_experts": [{"source_model": "x"}, {"source_model": "y"}]},
+            "shared_experts: one shared expert at most",
+        ),
+        ({"shared_experts": [{"source_model": "x"}]}, "shared_experts.0.positive_prompts: gate_mode cheap_embed needs"),
+        ({"architecture": "deepseek"}, "architecture: 'deepseek': evomerge writes Mixtral or Qwen2-MoE"),
+        ({"gate_mode": "random", "shared_base": True}, "makes mergekit-moe write a DeepSeek-MoE"),
+        ({"architecture": "qwen"}, "a Qwen2-MoE needs exactly one shared expert"),
         ({"same_models": True}, "experts: every expert is the same model"),
         ({"gate_mode": "fancy"}, "gate_mode: Input should be"),
         ({"gpt2": True}, "model_type 'gpt2' cannot become part of a Mixtral"),
@@ -130,7 +173,9 @@ def test_experts_of_a_different_rank_are_their_own(tiny_zoo, tmp_path):
 )
 def test_bad_configs_are_one_line_and_write_nothing(tiny_zoo, tmp_path, change, says):
     data = _config(tiny_zoo, change.pop("gate_mode", "cheap_embed"), **{k: v for k, v in change.items() if k not in (
-        "drop_prompts", "same_models", "gpt2")})  # fmt: skip
+        "drop_prompts", "same_models", "gpt2", "shared_base")})  # fmt: skip
+    if change.get("shared_base"):
+        data["shared_experts"] = [{"source_model": str(tiny_zoo / "base")}]
     if change.get("drop_prompts"):
         del data["experts"][0]["positive_prompts"]
     if change.get("same_models"):
