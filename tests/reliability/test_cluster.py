@@ -56,10 +56,11 @@ def test_a_search_submitted_as_a_ray_job_uses_three_nodes(tiny_zoo, tmp_path):
 
 def test_a_lost_node_costs_no_trial_and_a_node_that_joins_gets_work(tiny_zoo, tmp_path):
     """kill -9 of a worker node (its raylet and the worker on it) mid-search: the trials it
-    held are run again on the nodes left, the budget is met with none lost or counted
-    twice; a node of two CPUs joins mid-search and runs trials: the lost worker's
-    replacement, waiting for room, starts there, and the pool (``workers: auto``) grows
-    onto its other CPU."""
+    held are run again on the head, the budget is met with none lost or counted twice; a
+    node of two CPUs joins mid-search and runs trials: the lost worker's replacement,
+    waiting for room, starts there, and the pool (``workers: auto``) grows onto its other
+    CPU. A head and one node (not two): the fewer processes the search keeps busy on a
+    2-core machine, the sooner the new node's `ray start` gets through."""
     dare = {"method": "dare_linear", "parameters": {"weight": {"low": 0.0, "high": 1.5}, "density": 0.7}}
     search = {"trials": None, "timeout_minutes": MINUTES}
     path = write_experiment(
@@ -67,19 +68,19 @@ def test_a_lost_node_costs_no_trial_and_a_node_that_joins_gets_work(tiny_zoo, tm
     )
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "evomerge.cli", "run", str(path), "--out", str(run), "--quiet"]
-    with ray_cluster(workers=2) as cluster:
+    with ray_cluster(workers=1) as cluster:
         proc = subprocess.Popen(
             [*cmd, "--ray-address", cluster.address], env=cli_env(tmp_path / "mlflow.db"),
             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 300
-            while complete_trials(run) < 3:  # the three workers are up and busy
+            while complete_trials(run) < 2:  # the two workers are up and busy
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]  # type: ignore[union-attr]
                 time.sleep(0.2)
             cluster.kill(cluster.nodes[-1])
             lost_at = time.monotonic()
-            cluster.add_worker(cpus=2)
+            cluster.add_worker(cpus=2, tries=4)
             joined = time.monotonic() - lost_at
             _, err = proc.communicate(timeout=600)
             assert proc.returncode == 0, err[-3000:]
@@ -91,10 +92,10 @@ def test_a_lost_node_costs_no_trial_and_a_node_that_joins_gets_work(tiny_zoo, tm
     trials = summary["trials"]
     assert trials["complete"] > 20, trials
     assert trials == {"complete": trials["complete"], "pruned": 0, "failed": 0, "interrupted": 0}
-    # trials ran on the lost node, the two that stayed, and the one that joined
+    # trials ran on the lost node, the head, and the node that joined
     figures = {k: summary[k] for k in ("trials", "wall_seconds", "workers", "nodes", "node_busy_fraction")}
-    assert summary["nodes"] == 4 and len(summary["node_busy_fraction"]) == 4, figures
-    # three at the start, one more when the cluster grew; or two more, when the new node
+    assert summary["nodes"] == 3 and len(summary["node_busy_fraction"]) == 3, figures
+    # two at the start, one more when the cluster grew; or two more, when the new node
     # joined before Ray noticed the loss (its health checks take seconds): the pool grew
     # onto both its CPUs and the lost worker's replacement waits for room (counted)
-    assert summary["workers"] in (4, 5), figures
+    assert summary["workers"] in (3, 4), figures
