@@ -19,60 +19,26 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
 
 from evomerge.errors import ModelError
 from evomerge.operators.checkpoint import Checkpoint, open_checkpoint
 from evomerge.operators.engine import DEFAULT_SHARD_BYTES, MergeResult, pick_device, resolve_model_path
-from evomerge.operators.moe_config import Expert, MoEConfig
+from evomerge.operators.moe_config import MoEConfig
 from evomerge.operators.moe_gates import gate_vectors
-from evomerge.operators.outputs import TOKENIZER_FILES, card_sources, license_of, shared_license
+from evomerge.operators.moe_qwen import qwen_config, qwen_entries, qwen_kept, qwen_tensors
+from evomerge.operators.moe_sources import EMBED, MLP, MoESources, expert_part, router_dtype
+from evomerge.operators.outputs import TOKENIZER_FILES, card_sources, license_of, render_card, shared_license
 from evomerge.operators.recipe import DTYPES
 from evomerge.operators.writer import Entry, ShardWriter, atomic_directory, write_text
 
 DENSE_TYPES = ("llama", "mistral")
 QWEN_TYPES = ("llama", "mistral", "qwen2")  # what mergekit-moe makes a Qwen2-MoE of
-EMBED = "model.embed_tokens.weight"
-LAYER_KEEP = (
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-)
-MLP = ("gate_proj", "up_proj", "down_proj")
 CONFIG_FILE = "mergekit_moe_config.yml"
-
-
-@dataclass
-class MoESources:
-    """The opened models of a mixture: the base and each expert's source (in order)."""
-
-    base: Checkpoint
-    experts: list[Checkpoint]
-    shared: list[Checkpoint] = field(default_factory=list)  # the shared expert's model (Qwen2-MoE)
-    arch: str = "mixtral"  # the output's model_type: mixtral or qwen2_moe
-
-    @property
-    def layers(self) -> int:
-        return int(self.base.num_layers or 0)
-
-    def kept(self) -> list[str]:
-        """The base's tensors the mixture keeps, in model order (an absent ``lm_head`` is a tied one)."""
-        names = [EMBED]
-        for i in range(self.layers):
-            names += [f"model.layers.{i}.{n}" for n in LAYER_KEEP]
-        names.append("model.norm.weight")
-        if "lm_head.weight" in self.base.tensors:
-            names.append("lm_head.weight")
-        return names
 
 
 def open_moe_sources(
@@ -122,17 +88,16 @@ def output_arch(cfg: MoEConfig, types: dict[str, Any]) -> str:
 
 
 def _check(cfg: MoEConfig, src: MoESources) -> None:
-    from evomerge.operators.moe_qwen import qwen_kept
-
     if not src.layers:
         raise ModelError(f"{cfg.base_model}: config.json gives no num_hidden_layers")
-    kept = src.kept() if src.arch == "mixtral" else [n for n in qwen_kept(src) if not n.endswith("_proj.bias")]
-    missing = [n for n in kept if n not in src.base.tensors]
+    placed = src.kept() if src.arch == "mixtral" else qwen_kept(src)
+    # a Qwen2-MoE's q/k/v biases are zeros where the base has none
+    missing = [n for n in placed if n not in src.base.tensors and not n.endswith("_proj.bias")]
     if missing:
         raise ModelError(f"{cfg.base_model}: has no tensor '{missing[0]}' for the mixture")
-    placed = set(kept if src.arch == "mixtral" else qwen_kept(src))
+    known = set(placed)
     for name in src.base.tensors:
-        if name not in placed and ".mlp." not in name:
+        if name not in known and ".mlp." not in name:
             raise ModelError(f"{cfg.base_model}: tensor '{name}' has no place in a {_NAMES[src.arch]}")
     for expert, ck in zip([*cfg.experts, *(cfg.shared_experts or [])], [*src.experts, *src.shared]):
         if ck.num_layers != src.layers:
@@ -155,11 +120,6 @@ def _check(cfg: MoEConfig, src: MoESources) -> None:
 _NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}
 
 
-def router_dtype(src: MoESources, dtype: torch.dtype | None) -> torch.dtype:
-    """The routers' dtype: the output's, else (no dtype anywhere) the base embedding's."""
-    return dtype or src.base.tensors[EMBED].dtype
-
-
 def _mlp(layer: int, part: str) -> str:
     return f"model.layers.{layer}.mlp.{part}.weight"
 
@@ -173,8 +133,6 @@ def out_dtype(cfg: MoEConfig, base: Checkpoint) -> torch.dtype | None:
 def moe_entries(src: MoESources, dtype: torch.dtype | None) -> list[Entry]:
     """Every output tensor's name, shape and dtype, in the order :func:`moe_tensors` yields them."""
     if src.arch == "qwen2_moe":
-        from evomerge.operators.moe_qwen import qwen_entries
-
         return qwen_entries(src, dtype)
     experts = len(src.experts)
     entries: list[Entry] = []
@@ -198,24 +156,12 @@ def moe_entries(src: MoESources, dtype: torch.dtype | None) -> list[Entry]:
     return entries
 
 
-def expert_part(ck: Checkpoint, expert: Expert, name: str, gen: torch.Generator, down: bool) -> Tensor:
-    """An expert's MLP tensor, with its noise (drawn from ``gen``) and, on ``down_proj``, its residual scale."""
-    t = ck.get(name)
-    if expert.noise_scale is not None:
-        t = t + torch.randn(t.shape, dtype=t.dtype, generator=gen) * expert.noise_scale
-    if down and expert.residual_scale is not None:
-        t = t * expert.residual_scale
-    return t
-
-
 def moe_tensors(
     cfg: MoEConfig, src: MoESources, routers: Tensor, gen: torch.Generator, dtype: torch.dtype | None
 ) -> Iterator[tuple[str, Tensor]]:
     """The mixture's tensors, one at a time, in :func:`moe_entries`' order. ``routers``
     is layers x gated experts x hidden; ``gen`` draws the experts' noise."""
     if src.arch == "qwen2_moe":
-        from evomerge.operators.moe_qwen import qwen_tensors
-
         yield from qwen_tensors(cfg, src, routers, gen, dtype)
         return
 
@@ -318,8 +264,6 @@ def _write_files(
 ) -> list[str]:
     written = ["config.json", "README.md", CONFIG_FILE]
     if src.arch == "qwen2_moe":
-        from evomerge.operators.moe_qwen import qwen_config
-
         config = qwen_config(cfg, src.base.path, dtype)
     else:
         config = mixtral_config(cfg, src.base.path, dtype)
@@ -342,13 +286,7 @@ def moe_card(cfg: MoEConfig, src: MoESources, config_text: str, extra: str = "")
     listed, front = card_sources(sources, paths, lic, tags=("moe",))
     experts = [f"{i}. `{e.source_model}`" for i, e in enumerate(cfg.experts)]
     experts += [f"- shared (every token): `{e.source_model}`" for e in cfg.shared_experts or []]
-    body = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).rstrip(),
-        "---",
-        "",
-        "# Mixture of experts",
-        "",
+    intro = [
         f"A {_NAMES[src.arch]} mixture of {len(cfg.experts)} experts ({cfg.experts_per_token} per token) made with "
         f"evomerge from dense fine-tunes: attention, norms and embeddings from `{cfg.base_model}`, each "
         f"expert the MLPs of one model, the routers initialised by `{cfg.gate_mode}`.",
@@ -356,16 +294,6 @@ def moe_card(cfg: MoEConfig, src: MoESources, config_text: str, extra: str = "")
         "## Experts",
         "",
         *experts,
-        "",
-        "## Source models",
-        "",
-        *listed,
-        "",
-        why,
-        "",
     ]
-    if extra:
-        body += [extra.rstrip(), ""]
-    body += ["## Config", "", f"The config, also in `{CONFIG_FILE}` (mergekit-moe can rebuild it):", "", "```yaml",
-             config_text.rstrip(), "```", ""]  # fmt: skip
-    return "\n".join(body)
+    config = ("Config", CONFIG_FILE, "mergekit-moe", config_text)
+    return render_card(front, "Mixture of experts", intro, listed, why, extra, config)

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from evomerge.operators.moe import EMBED, MoESources, expert_part, router_dtype
 from evomerge.operators.moe_config import MoEConfig
+from evomerge.operators.moe_sources import EMBED, MoESources, expert_part, router_dtype
 from evomerge.operators.writer import Entry
 
 ATTENTION = tuple(f"self_attn.{p}_proj.{kind}" for p in "qkv" for kind in ("bias", "weight")) + (

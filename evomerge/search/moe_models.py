@@ -14,9 +14,10 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.operators.checkpoint import open_checkpoint
-from evomerge.operators.moe import EMBED, MLP, MoESources, fuse_experts, mixtral_config
+from evomerge.operators.moe import fuse_experts, mixtral_config
 from evomerge.operators.moe_config import MoEConfig, is_moe
 from evomerge.operators.moe_gates import gate_vectors
+from evomerge.operators.moe_sources import EMBED, MLP, MoESources
 from evomerge.operators.recipe import Recipe
 
 
