@@ -177,7 +177,7 @@ class RayCluster:
             time.sleep(5)
         return res
 
-    def add_worker(self, hide: Sequence[Path] = (), cpus: int | None = None, tries: int = 3) -> subprocess.Popen:
+    def add_worker(self, hide: Sequence[Path] = (), cpus: int | None = None, tries: int = 4) -> subprocess.Popen:
         """Start a worker node (``cpus`` CPUs, else the cluster's count) and wait until the
         cluster knows it. One at a time, and started again when `ray start` gives up: Ray
         allows a raylet a fixed 30 s to register, which a loaded 2-core machine can miss

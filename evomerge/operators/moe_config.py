@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from evomerge.errors import RecipeError
-from evomerge.operators.recipe import DTYPES, Recipe, _one_line, load_yaml
+from evomerge.operators.recipe import DTYPES, Recipe, load_yaml, validated
 
 ARCHITECTURES = {"mixtral": "mixtral", "qwen moe": "qwen2_moe"}  # mergekit-moe's names -> model_type
 GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
@@ -127,12 +126,7 @@ class MoEConfig(BaseModel):
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "moe config") -> MoEConfig:
-        if not isinstance(data, dict):
-            raise RecipeError(f"{source}: a mergekit-moe config must be a YAML mapping, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise RecipeError(f"{source}: {_one_line(err)}") from None
+        return validated(cls, data, source, "a mergekit-moe config")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> MoEConfig:

@@ -149,35 +149,33 @@ def model_card(
     sources = recipe.referenced_models()
     lic, why = shared_license(licences if licences is not None else dict.fromkeys(sources))
     listed, front = card_sources(sources, paths, lic)
-    body = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).rstrip(),
-        "---",
-        "",
-        "# Merged model",
-        "",
+    intro = [
         f"This model was made with evomerge using the **{recipe.merge_method}** merge method"
-        + (f" with `{recipe.base_model}` as the base." if recipe.base_model else "."),
-        "",
-        "## Source models",
-        "",
-        *listed,
-        "",
-        why,
-        "",
+        + (f" with `{recipe.base_model}` as the base." if recipe.base_model else ".")
     ]
+    config = ("Recipe", "mergekit_config.yml", "mergekit", recipe.to_yaml())
+    return render_card(front, "Merged model", intro, listed, why, extra, config)
+
+
+def render_card(
+    front: dict[str, Any],
+    title: str,
+    intro: list[str],
+    listed: list[str],
+    why: str,
+    extra: str,
+    config: tuple[str, str, str, str],
+) -> str:
+    """A model card: front matter, ``title``, ``intro`` lines, the source models and the
+    licence sentence, ``extra``, then ``config`` (heading, file name, the tool that can
+    rebuild the model from it, its YAML text) as a section."""
+    heading, file, tool, text = config
+    body = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", "", *intro, ""]
+    body += ["## Source models", "", *listed, "", why, ""]
     if extra:
         body += [extra.rstrip(), ""]
-    body += [
-        "## Recipe",
-        "",
-        "The recipe, also in `mergekit_config.yml` (mergekit can rebuild it):",
-        "",
-        "```yaml",
-        recipe.to_yaml().rstrip(),
-        "```",
-        "",
-    ]
+    body += [f"## {heading}", "", f"The {heading.lower()}, also in `{file}` ({tool} can rebuild it):", ""]
+    body += ["```yaml", text.rstrip(), "```", ""]
     return "\n".join(body)
 
 

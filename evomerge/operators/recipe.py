@@ -11,13 +11,15 @@ filter is a substring of the tensor name wins; no filter is the fallback).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import RecipeError
+
+M = TypeVar("M", bound=BaseModel)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -191,12 +193,7 @@ class Recipe(BaseModel):
     # ---- YAML ------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:
-        if not isinstance(data, dict):
-            raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise RecipeError(f"{source}: {_one_line(err)}") from None
+        return validated(cls, data, source, "a recipe")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
@@ -225,6 +222,17 @@ def load_yaml(path: str | Path) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise RecipeError(f"{p}: invalid YAML{where}: {problem}") from None
+
+
+def validated(model: type[M], data: Any, source: str, what: str) -> M:
+    """``data`` (parsed YAML) as ``model``; a non-mapping or an invalid field is one
+    :class:`RecipeError` line naming ``source`` and the field."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: {what} must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(f"{source}: {_one_line(err)}") from None
 
 
 def _one_line(err: ValidationError) -> str:

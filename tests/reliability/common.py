@@ -101,7 +101,7 @@ def ray_cluster(
     try:
         cluster.start_head(jobs=jobs)
         for i in range(workers):
-            cluster.add_worker(hide if i == workers - 1 else (), tries=4)  # a loaded machine may miss Ray's 30 s
+            cluster.add_worker(hide if i == workers - 1 else ())
         assert all(n.poll() is None for n in cluster.nodes), "a Ray node exited" + cluster.said()
         yield cluster
     finally:

@@ -80,7 +80,7 @@ def test_a_lost_node_costs_no_trial_and_a_node_that_joins_gets_work(tiny_zoo, tm
                 time.sleep(0.2)
             cluster.kill(cluster.nodes[-1])
             lost_at = time.monotonic()
-            cluster.add_worker(cpus=2, tries=4)
+            cluster.add_worker(cpus=2)
             joined = time.monotonic() - lost_at
             _, err = proc.communicate(timeout=600)
             assert proc.returncode == 0, err[-3000:]
