@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -127,6 +127,7 @@ class RayCluster:
         self.address = f"127.0.0.1:{self.port}"
         local = Path(sys.executable).parent / "ray"  # the ray of this interpreter's environment
         self.exe = str(local) if local.is_file() else "ray"
+        self.start = [sys.executable, "-c", _PATIENT_RAY_START, "start"]
         self.common = ["--num-cpus", str(cpus), "--num-gpus", "0", "--disable-usage-stats", "--block"]
         self.nodes: list[subprocess.Popen] = []
         self.jobs_address: str | None = None
@@ -146,23 +147,40 @@ class RayCluster:
     def said(self) -> str:
         return "".join(f"\n--- {f.name}:\n" + f.read_text()[-1500:] for f in sorted(self.logs.glob("node*.log")))
 
-    def start_head(self, *, jobs: bool = False) -> None:
-        """Start the head node; with ``jobs``, its dashboard too (the job server that
-        `ray job submit --address` :attr:`jobs_address` talks to; it needs ``ray[default]``)."""
-        head = [self.exe, "start", "--head", "--port", str(self.port), "--node-ip-address", "127.0.0.1"]
-        self.jobs_address = None
-        if jobs:
-            port = free_port()
-            self.jobs_address = f"http://127.0.0.1:{port}"
-            head += ["--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(port)]
-        else:
-            head.append("--include-dashboard=false")
-        node = self._start([*head, *self.common])
-        deadline = time.monotonic() + 120
-        while not _answers(self.address, self.jobs_address):
+    def start_head(self, *, jobs: bool = False, tries: int = 4) -> None:
+        """Start the head node and wait until its raylet has registered (and, with ``jobs``,
+        its job server answers: the dashboard that `ray job submit --address`
+        :attr:`jobs_address` talks to; it needs ``ray[default]``). Started again, on fresh
+        ports, when it does not come up."""
+        for _ in range(tries):
+            self.port = free_port()
+            self.address = f"127.0.0.1:{self.port}"
+            head = [*self.start, "--head", "--port", str(self.port), "--node-ip-address", "127.0.0.1"]
+            self.jobs_address = None
+            if jobs:
+                port = free_port()
+                self.jobs_address = f"http://127.0.0.1:{port}"
+                head += ["--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(port)]
+            else:
+                head.append("--include-dashboard=false")
+            node = self._start([*head, *self.common])
+            if self._came_up(node, lambda: _answers(self.address, self.jobs_address)):
+                return
+            self.kill(node)
+        raise RuntimeError(f"the Ray head did not start in {tries} tries" + self.said())
+
+    def _came_up(
+        self, node: subprocess.Popen, answers: Callable[[], bool] = lambda: True, timeout: float = 240
+    ) -> bool:
+        """Wait until ``node`` says its raylet is known to the GCS ("Ray runtime started",
+        printed once it registered) and ``answers()``; False when it exits or the time is up."""
+        log = self.logs / f"node{self.nodes.index(node)}.log"
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in log.read_text() or not answers():
             if node.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("ray start did not come up" + self.said())
+                return False
             time.sleep(0.5)
+        return True
 
     def submit(self, entrypoint: Sequence[str], timeout: float = 600, tries: int = 4) -> subprocess.CompletedProcess:
         """`ray job submit` of ``entrypoint`` to the head's job server (:meth:`start_head`
@@ -179,25 +197,17 @@ class RayCluster:
 
     def add_worker(self, hide: Sequence[Path] = (), cpus: int | None = None, tries: int = 4) -> subprocess.Popen:
         """Start a worker node (``cpus`` CPUs, else the cluster's count) and wait until the
-        cluster knows it. One at a time, and started again when `ray start` gives up: Ray
-        allows a raylet a fixed 30 s to register, which a loaded 2-core machine can miss
-        ("The current node timed out during startup")."""
+        cluster knows it. One at a time, and started again when it does not come up."""
         common = list(self.common)
         if cpus is not None:
             common[common.index("--num-cpus") + 1] = str(cpus)
-        cmd = [self.exe, "start", "--address", self.address, *common]
+        cmd = [*self.start, "--address", self.address, *common]
         if hide:
             mounts = " && ".join(f"mount -t tmpfs evomerge-hidden {shlex.quote(str(d))}" for d in hide)
             cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh", *cmd]
         for _ in range(tries):
             node = self._start(cmd)
-            registered = self.logs / f"node{len(self.nodes) - 1}.log"
-            deadline = time.monotonic() + 120
-            while "Ray runtime started" not in registered.read_text():  # printed once the GCS knows the node
-                if node.poll() is not None or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-            else:
+            if self._came_up(node):
                 return node
             self.kill(node)
         raise RuntimeError(f"a Ray node did not start in {tries} tries" + self.said())
@@ -218,6 +228,35 @@ class RayCluster:
         if current.is_file() and current.read_text().strip().endswith(f":{self.port}"):
             current.unlink()
         shutil.rmtree(self.logs, ignore_errors=True)
+
+
+# `ray start`, given more time for its raylet to register. Ray allows a fixed 30 s
+# (ray/_private/node.py: raylet_start_wait_time_s) and then kills the node it started:
+# "The current node timed out during startup". A 2-core machine that runs tests beside it
+# can miss that, for a head whose dashboard starts a dozen Python processes at once. Its
+# lookup of the node (services.get_node, which raises until the raylet registered) keeps
+# trying for 150 s here; a raylet that dies still ends the start (the node's process exits).
+_PATIENT_RAY_START = """
+import sys, time
+import ray._private.services as services
+from ray.scripts.scripts import main
+
+lookup = services.get_node
+
+def patient(*args, **kwargs):
+    deadline = time.monotonic() + 150
+    while True:
+        try:
+            return lookup(*args, **kwargs)
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+services.get_node = patient
+sys.argv[0] = "ray"
+sys.exit(main())
+"""
 
 
 def _answers(address: str, jobs: str | None) -> bool:
