@@ -12,14 +12,19 @@ posteriori on the per-item correctness of a few fully scored models, under the p
 theta ~ N(0, 1), log a ~ N(0, 1), b ~ N(0, 3^2): with a handful of models the priors keep
 the items that every calibration model gets right (or wrong) finite.
 
-Anchors: the k items nearest the centres of k-means clusters of the items' correctness
-over the calibration models (tinyBenchmarks' "anchor points"); each anchor stands for
-its cluster, weight = cluster size / N. Where the items fall into fewer distinct
-clusters than k, the extra anchors go to the largest clusters (stratified sampling).
+Anchors: stratified sampling (Cochran, Sampling Techniques, 5.5) over strata of items
+that the calibration models answer alike: k-means clusters of the items' correctness
+vectors (tinyBenchmarks' "anchor points"), up to 2k of them. The k anchors are shared
+out by Neyman allocation, n_h proportional to N_h * s_h, with s_h^2 = p_h (1 - p_h) and
+p_h the stratum's calibration correctness, Laplace-smoothed (s + 1) / (n + 2): strata
+that every calibration model gets right (or wrong) get few anchors or none, the items
+where models differ, which decide between good candidates, get most. In a stratum, the
+item nearest its centre first, then seeded draws; each anchor weighs N_h / (n_h N). A
+stratum left without anchors counts at its calibration correctness (``rest``).
 
 A candidate answers the anchors only (y_j, j in A). Its accuracy over the N items:
 
-- anchor:  sum_j w_j y_j
+- anchor:  rest + sum_j w_j y_j
 - p-IRT:   (sum_{j in A} y_j + sum_{i not in A} sigmoid(a_i theta^ - b_i)) / N, theta^ the MAP
   ability given the anchors' answers (a and b fixed)
 - gp-IRT:  lambda * anchor + (1 - lambda) * p-IRT, lambda per task by least squares over the
@@ -53,6 +58,7 @@ class TaskIrt:
     b: list[float]  # and difficulty
     lam: float  # gp-IRT's weight of the anchor estimate
     loo_error: float = 0.0  # mean absolute error of the estimate over the calibration models, left out in turn
+    rest: float = 0.0  # the strata without anchors: their share of the items times their calibration correctness
 
     def estimate(self, answers: Sequence[bool]) -> float:
         """The task's accuracy over all its items from the answers on its first
@@ -60,7 +66,7 @@ class TaskIrt:
         if not answers:
             raise EvomergeError("fitness.anchors: no anchor answered")
         a, b = torch.tensor(self.a, dtype=torch.float64), torch.tensor(self.b, dtype=torch.float64)
-        return combine(self.lam, *_estimates(a, b, self.anchors, self.weights, answers))
+        return combine(self.lam, *_estimates(a, b, Anchors(self.anchors, self.weights, self.rest), answers))
 
 
 @dataclass
@@ -116,15 +122,24 @@ def ability(answers: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
     return float(_THETA_GRID[int(log_post.argmax())])
 
 
-def _estimates(
-    a: torch.Tensor, b: torch.Tensor, anchors: Sequence[int], weights: Sequence[float], answers: Sequence[bool]
-) -> tuple[float, float]:
-    """(anchor, p-IRT) estimates from the answers on the first ``len(answers)`` anchors."""
+@dataclass
+class Anchors:
+    """A task's anchor items, their weights (summing to the share of the items in anchored
+    strata) and ``rest``, what the unanchored strata add (share times correctness)."""
+
+    items: list[int]
+    weights: list[float]
+    rest: float = 0.0
+
+
+def _estimates(a: torch.Tensor, b: torch.Tensor, anchors: Anchors, answers: Sequence[bool]) -> tuple[float, float]:
+    """(anchor, p-IRT) estimates from the answers on the first ``len(answers)`` anchors
+    (those answered stand for all the anchored strata)."""
     n = len(answers)
-    idx = torch.tensor(list(anchors[:n]), dtype=torch.long)
+    idx = torch.tensor(list(anchors.items[:n]), dtype=torch.long)
     y = torch.tensor([float(v) for v in answers], dtype=torch.float64)
-    w = torch.tensor(list(weights[:n]), dtype=torch.float64)
-    anchor = float((w * y).sum() / w.sum())
+    w = torch.tensor(list(anchors.weights[:n]), dtype=torch.float64)
+    anchor = anchors.rest + sum(anchors.weights) * float((w * y).sum() / w.sum())
     theta = ability(y, a[idx], b[idx])
     p = torch.sigmoid(a * theta - b)
     p[idx] = y  # the answered items count as answered
@@ -135,39 +150,67 @@ def combine(lam: float, anchor: float, pirt: float) -> float:
     return lam * anchor + (1.0 - lam) * pirt
 
 
-def pick_anchors(y: torch.Tensor, k: int, seed: int) -> tuple[list[int], list[float]]:
-    """``k`` anchor items of ``y`` (models x items) and their weights: k-means over the
-    items' correctness vectors, the item nearest each centre; where there are fewer
-    distinct clusters than ``k``, more anchors (seeded draws) in the largest ones."""
+def pick_anchors(y: torch.Tensor, k: int, seed: int) -> Anchors:
+    """``k`` anchor items of ``y`` (models x items), their weights and the unanchored
+    strata's part: strata by k-means over the items' correctness vectors, anchors shared
+    out by Neyman allocation (module docstring)."""
     from sklearn.cluster import KMeans
 
     items = y.shape[1]
     points = y.to(torch.float64).T.numpy()
     distinct = len({tuple(row) for row in points.tolist()})
-    clusters = min(k, distinct)
-    km = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(points)
+    km = KMeans(n_clusters=min(2 * k, distinct), n_init=10, random_state=seed).fit(points)
     labels = torch.tensor(km.labels_, dtype=torch.long)
     centres = torch.tensor(km.cluster_centers_, dtype=torch.float64)
-    members = [torch.nonzero(labels == c).flatten() for c in range(clusters)]
-    members = [m for m in members if len(m)]
-    # anchors per cluster: one each, the rest to the clusters with the most items per anchor
-    share = [1] * len(members)
-    for _ in range(k - len(members)):
-        c = max(range(len(members)), key=lambda i: (len(members[i]) / share[i], -i))
-        share[c] = min(share[c] + 1, len(members[c]))
+    strata = [m for m in (torch.nonzero(labels == c).flatten() for c in range(len(centres))) if len(m)]
+    share = neyman([len(m) for m in strata], [_smoothed(y[:, m]) for m in strata], k)
     gen = torch.Generator().manual_seed(seed)
-    anchors: list[int] = []
-    weights: list[float] = []
-    for c, m in enumerate(members):
+    chosen: dict[int, float] = {}
+    rest = 0.0
+    for m, n in zip(strata, share):
+        if n == 0:
+            rest += len(m) / items * float(y[:, m].to(torch.float64).mean())
+            continue
         dist = ((torch.tensor(points[m.numpy()]) - centres[int(labels[m[0]])]) ** 2).sum(1)
         nearest = int(m[int(dist.argmin())])
-        rest = m[m != nearest]
-        extra = rest[torch.randperm(len(rest), generator=gen)[: share[c] - 1]].tolist()
-        chosen = [nearest, *extra]
-        anchors += chosen
-        weights += [len(m) / items / len(chosen)] * len(chosen)
-    order = sorted(range(len(anchors)), key=lambda i: anchors[i])  # a stable, readable order
-    return [anchors[i] for i in order], [weights[i] for i in order]
+        others = m[m != nearest]
+        for i in [nearest, *others[torch.randperm(len(others), generator=gen)[: n - 1]].tolist()]:
+            chosen[int(i)] = len(m) / items / n
+    order = sorted(chosen)  # a stable, readable order
+    return Anchors(order, [chosen[i] for i in order], rest)
+
+
+def _smoothed(y: torch.Tensor) -> float:
+    """Laplace-smoothed correctness of a stratum's answers: (right + 1) / (answers + 2)."""
+    return (float(y.to(torch.float64).sum()) + 1.0) / (y.numel() + 2.0)
+
+
+def neyman(sizes: Sequence[int], p: Sequence[float], k: int) -> list[int]:
+    """Anchors per stratum: k shared in proportion to N_h * sqrt(p_h (1 - p_h)) (by size
+    where every spread is 0), at most N_h each (a stratum the share would overfill is
+    taken whole and the rest shared again), whole numbers by largest remainder (Cochran
+    5.5, 5.9)."""
+    spread = [n * (q * (1.0 - q)) ** 0.5 for n, q in zip(sizes, p)]
+    total = min(k, sum(sizes))
+    whole: set[int] = set()
+    ideal: dict[int, float] = {}
+    while True:
+        open_ = [h for h in range(len(sizes)) if h not in whole]
+        if not open_:
+            break
+        budget = total - sum(sizes[h] for h in whole)
+        key = spread if any(spread[h] for h in open_) else [float(n) for n in sizes]
+        norm = sum(key[h] for h in open_)
+        ideal = {h: budget * key[h] / norm for h in open_}
+        full = {h for h in open_ if ideal[h] >= sizes[h]}
+        if not full:
+            break
+        whole |= full
+    share = [sizes[h] if h in whole else int(ideal[h]) for h in range(len(sizes))]
+    by_remainder = sorted(open_, key=lambda h: (int(ideal[h]) - ideal[h], h))
+    for h in by_remainder[: total - sum(share)]:
+        share[h] += 1
+    return share
 
 
 def calibrate_task(y: torch.Tensor, k: int, seed: int) -> TaskIrt:
@@ -178,7 +221,7 @@ def calibrate_task(y: torch.Tensor, k: int, seed: int) -> TaskIrt:
     if models < 3:
         raise EvomergeError(f"fitness.estimator irt: {models} calibration model(s); it needs at least 3")
     y = y.to(torch.float64)
-    anchors, weights = pick_anchors(y, k, seed)
+    anchors = pick_anchors(y, k, seed)
     _, a, b = fit_2pl(y)
     # lambda: least squares of lambda*anchor + (1-lambda)*pirt against the truth, over the
     # calibration models, each estimated from anchors and item parameters chosen and
@@ -186,10 +229,10 @@ def calibrate_task(y: torch.Tensor, k: int, seed: int) -> TaskIrt:
     pairs, truth = [], []
     for m in range(models):
         rest = torch.cat([y[:m], y[m + 1 :]])
-        anchors_m, weights_m = pick_anchors(rest, k, seed)
+        anchors_m = pick_anchors(rest, k, seed)
         _, a_m, b_m = fit_2pl(rest)
-        answers = [bool(v) for v in y[m, anchors_m].tolist()]
-        pairs.append(_estimates(a_m, b_m, anchors_m, weights_m, answers))
+        answers = [bool(v) for v in y[m, anchors_m.items].tolist()]
+        pairs.append(_estimates(a_m, b_m, anchors_m, answers))
         truth.append(float(y[m].mean()))
     anchor_est = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
     pirt = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
@@ -198,7 +241,7 @@ def calibrate_task(y: torch.Tensor, k: int, seed: int) -> TaskIrt:
     lam = float(((t - pirt) * gap).sum() / (gap**2).sum()) if float((gap**2).sum()) > 1e-12 else 0.5
     lam = min(max(lam, 0.0), 1.0)
     loo = float((lam * anchor_est + (1 - lam) * pirt - t).abs().mean())
-    return TaskIrt(anchors, weights, a.tolist(), b.tolist(), lam, loo)
+    return TaskIrt(anchors.items, anchors.weights, a.tolist(), b.tolist(), lam, loo, anchors.rest)
 
 
 def calibrate(responses: dict[str, torch.Tensor], k: int, seed: int, names: Sequence[str] = ()) -> IrtEstimator:

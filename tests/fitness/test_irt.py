@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.fitness.irt import IrtEstimator, ability, calibrate, fit_2pl, pick_anchors
+from evomerge.fitness.irt import IrtEstimator, ability, calibrate, fit_2pl, neyman, pick_anchors
 
 
 def _draw(a: torch.Tensor, b: torch.Tensor, thetas: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -40,12 +40,28 @@ def test_ability_is_the_map_of_the_answers():
 def test_anchors_are_k_items_whose_weights_cover_the_task():
     y = torch.tensor([[1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0]], dtype=torch.bool)  # 4 distinct columns
     for k in (2, 4, 5):
-        anchors, weights = pick_anchors(y, k, seed=0)
-        assert len(anchors) == len(set(anchors)) == k and sum(weights) == pytest.approx(1.0)
-    anchors, weights = pick_anchors(y, 4, seed=0)
+        picked = pick_anchors(y, k, seed=0)
+        assert len(picked.items) == len(set(picked.items)) == k
+        # the anchored strata's share plus the unanchored ones' (at their calibration correctness)
+        unanchored = 1.0 - sum(picked.weights)
+        assert 0.0 <= picked.rest <= unanchored + 1e-12
+    picked = pick_anchors(y, 4, seed=0)
     # one anchor per distinct pattern, weighted by how many items share it
-    assert sorted({tuple(y[:, i].tolist()) for i in anchors}) == sorted({tuple(c) for c in y.T.tolist()})
-    assert sorted(weights) == pytest.approx(sorted([1 / 6, 1 / 6, 2 / 6, 2 / 6]))
+    assert sorted({tuple(y[:, i].tolist()) for i in picked.items}) == sorted({tuple(c) for c in y.T.tolist()})
+    assert sorted(picked.weights) == pytest.approx(sorted([1 / 6, 1 / 6, 2 / 6, 2 / 6])) and picked.rest == 0.0
+
+
+def test_neyman_allocation_spends_anchors_where_the_models_differ():
+    # a big stratum every model gets right, a small one where they split evenly
+    assert neyman([200, 20], [0.9999, 0.5], 10) == [2, 8]
+    assert neyman([3, 2], [0.5, 0.5], 10) == [3, 2]  # no more than the items
+    assert neyman([1, 1, 1, 1, 1], [0.5] * 5, 3) == [1, 1, 1, 0, 0]
+    assert neyman([4, 4], [1.0, 0.0], 4) == [2, 2]  # no spread anywhere: by size
+    y = torch.zeros(4, 100, dtype=torch.bool)
+    y[:, :80] = True  # 80 items all four models get right
+    y[:2, 80:] = True  # 20 that half of them do
+    picked = pick_anchors(y, 5, seed=0)
+    assert sum(i >= 80 for i in picked.items) == 3  # 3 of 5 on a fifth of the items (1 by their share)
 
 
 def test_estimates_of_unseen_models_beat_the_anchors_alone_as_a_random_subset(items):
