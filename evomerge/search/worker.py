@@ -293,8 +293,9 @@ class MergeWorker:
         self._fitness = fitness
         self._evaluators: dict[str, Evaluator] = {}
         self._aligned: dict[tuple, Any] = {}
-        self._contiguous: dict[tuple, bool] = {}  # (planned tensor, the next) -> merged in one run
+        self._contiguous: dict[tuple, bool] = {}  # (recipe structure, tensor index) -> merged in one run with the last
         self._plans: dict[str, Any] = {}  # recipe structure -> its last plan
+        self._resident: dict[str, list] = {}  # recipe structure -> each planned tensor's inputs, used in place
         self.copied_bytes = 0  # host-to-device bytes of the last candidate's inputs
         self._stop_monitor = spec.monitor.start() if spec.monitor is not None else None
 
@@ -323,28 +324,34 @@ class MergeWorker:
     @torch.no_grad()
     def merge(self, recipe: Recipe, seed: int) -> None:
         """Overwrite the resident model's tensors with the merge of ``recipe``."""
-        plan = self._plan(recipe)
+        key, plan = self._plan(recipe)
         self._fit_vocabulary(plan)
         unknown = next((pt.name for pt in plan.tensors if pt.name not in self.params), None)
         if unknown is not None:
             raise EvomergeError(f"merged tensor '{unknown}' is not a parameter of the resident model")
         self.copied_bytes = 0
         run: list[tuple[Any, Any, torch.Tensor]] = []
-        for pt, inputs in self._stream(plan.tensors):
+        for i, (pt, inputs) in enumerate(self._stream(key, plan.tensors)):
             target = self.params[pt.name]
-            if run and not self._follows(plan, run[-1], (pt, inputs, target)):
+            if run and not self._follows(plan, (key, i), run[-1], (pt, inputs, target)):
                 _merge_run(plan, run, seed)
                 run = []
             run.append((pt, inputs, target))
         if run:
             _merge_run(plan, run, seed)
 
-    def _stream(self, tensors: list) -> Iterator[tuple[Any, Any]]:
+    def _stream(self, key: str, tensors: list) -> Iterator[tuple[Any, Any]]:
         """Each planned tensor with its inputs on the merge device. Resident sources are
-        used in place. Streamed ones are copied from pinned host memory on a side CUDA
-        stream, up to ``read_ahead`` bytes ahead of the merge, which waits for each
-        tensor's copy (an event) before using it; on the CPU there is nothing to copy."""
-        if self.spec.placement != "streamed" or self.device.type != "cuda" or len(self.devices) > 1:
+        used in place (the same tensors for every candidate of a recipe structure: looked
+        up once). Streamed ones are copied from pinned host memory on a side CUDA stream,
+        up to ``read_ahead`` bytes ahead of the merge, which waits for each tensor's copy
+        (an event) before using it; on the CPU there is nothing to copy."""
+        if self.spec.placement != "streamed" or self.device.type != "cuda":
+            if key not in self._resident:
+                self._resident[key] = [self._inputs(pt) for pt in tensors]
+            yield from zip(tensors, self._resident[key])
+            return
+        if len(self.devices) > 1:  # copied to each layer's device as its turn comes
             for pt in tensors:
                 yield pt, self._inputs(pt)
             return
@@ -396,6 +403,7 @@ class MergeWorker:
         if rows != embed.shape[0]:
             self.model.resize_token_embeddings(rows, mean_resizing=False)
             self._contiguous.clear()  # new embedding (and head) tensors, outside the packed buffer
+            self._resident.clear()
             if len(self.devices) > 1:  # the new embedding and head modules: placed and hooked again
                 split_by_layers(self.model, self.devices)
             self.params = self.model.state_dict()
@@ -443,26 +451,26 @@ class MergeWorker:
             result.error = str(err)
         return result
 
-    def _plan(self, recipe: Recipe):
-        """The merge plan of ``recipe``: planned once per recipe structure (the search's
-        candidates share one), then only each tensor's parameters are resolved again."""
+    def _plan(self, recipe: Recipe) -> tuple[str, Any]:
+        """The recipe's structure and its merge plan: planned once per structure (the
+        search's candidates share one), then only each tensor's parameters are resolved again."""
         key = structure(recipe)
         known = self._plans.get(key)
         plan = replan(known, recipe, self.sources) if known is not None else build_plan(recipe, self.sources)
         self._plans[key] = plan
-        return plan
+        return key, plan
 
-    def _follows(self, plan, last: tuple[Any, Any, torch.Tensor], this: tuple[Any, Any, torch.Tensor]) -> bool:
-        """Whether ``this`` planned tensor can be merged in one run with the ones before it:
-        an elementwise operator, the same parameters, and its inputs and target right after
-        the last one's (which depends on the plan's structure only: asked once)."""
+    def _follows(self, plan, at: tuple[str, int], last: tuple, this: tuple) -> bool:
+        """Whether ``this`` planned tensor (index ``at`` of its recipe structure's plan) can
+        be merged in one run with the ones before it: an elementwise operator, the same
+        parameters, and its inputs and target right after the last one's (which depends on
+        the plan's structure only: asked once)."""
         a, b = last[0], this[0]
         if not plan.operator.elementwise or plan.operator.random or (a.params is not b.params and a.params != b.params):
             return False
-        key = (a.name, b.name, *a.sources, a.base, *b.sources, b.base)
-        if key not in self._contiguous:
-            self._contiguous[key] = _contiguous(last, this)
-        return self._contiguous[key]
+        if at not in self._contiguous:
+            self._contiguous[at] = _contiguous(last, this)
+        return self._contiguous[at]
 
     def peak_gib(self) -> float | None:
         """The peak memory of this worker on its device so far, comparable with the memory
