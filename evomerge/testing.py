@@ -127,7 +127,7 @@ class RayCluster:
         self.address = f"127.0.0.1:{self.port}"
         local = Path(sys.executable).parent / "ray"  # the ray of this interpreter's environment
         self.exe = str(local) if local.is_file() else "ray"
-        self.start = [sys.executable, "-c", _PATIENT_RAY_START, "start"]
+        self.ray_start = [sys.executable, "-c", _PATIENT_RAY_START, "start"]  # `ray start`
         self.common = ["--num-cpus", str(cpus), "--num-gpus", "0", "--disable-usage-stats", "--block"]
         self.nodes: list[subprocess.Popen] = []
         self.jobs_address: str | None = None
@@ -155,7 +155,7 @@ class RayCluster:
         for _ in range(tries):
             self.port = free_port()
             self.address = f"127.0.0.1:{self.port}"
-            head = [*self.start, "--head", "--port", str(self.port), "--node-ip-address", "127.0.0.1"]
+            head = [*self.ray_start, "--head", "--port", str(self.port), "--node-ip-address", "127.0.0.1"]
             self.jobs_address = None
             if jobs:
                 port = free_port()
@@ -201,7 +201,7 @@ class RayCluster:
         common = list(self.common)
         if cpus is not None:
             common[common.index("--num-cpus") + 1] = str(cpus)
-        cmd = [*self.start, "--address", self.address, *common]
+        cmd = [*self.ray_start, "--address", self.address, *common]
         if hide:
             mounts = " && ".join(f"mount -t tmpfs evomerge-hidden {shlex.quote(str(d))}" for d in hide)
             cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh", *cmd]
@@ -235,7 +235,8 @@ class RayCluster:
 # "The current node timed out during startup". A 2-core machine that runs tests beside it
 # can miss that, for a head whose dashboard starts a dozen Python processes at once. Its
 # lookup of the node (services.get_node, which raises until the raylet registered) keeps
-# trying for 150 s here; a raylet that dies still ends the start (the node's process exits).
+# trying for 150 s here, and then fails as before: a node that never registers still
+# ends its start (the caller's tries start it again).
 _PATIENT_RAY_START = """
 import sys, time
 import ray._private.services as services
