@@ -1,6 +1,7 @@
 """Fitness from a few items (``fitness.estimator: irt``) against full scoring, on the demo zoo.
 
-1. Rank agreement: the demo's fitness (search split, 300 samples per task), calibrated on
+1. Rank agreement: the demo's fitness (search split, 300 samples per task; ``--config``
+   another experiment's, e.g. configs/smollm2.yaml with its zoo), calibrated on
    the sources, the base and ``--calibration-merges`` random merges; ``--candidates``
    other random merges scored on every sample. For each k in ``--anchors``: Spearman's
    rank correlation and the mean absolute error of the estimate from k anchor items per
@@ -10,8 +11,9 @@
    with full scoring and with the estimator at each k: samples scored (calibration
    included), the pick's search fitness on every sample, and its test fitness.
 
-    python bench/irt.py --zoo DIR [--candidates 200] [--anchors 10,20,50] [--seeds 0,1,2]
-                        [--trials 48] [--calibration-merges 4] [--skip-searches]
+    python bench/irt.py --zoo DIR [--config YAML] [--threads 1] [--candidates 200]
+                        [--anchors 10,20,50] [--seeds 0,1,2] [--trials 48]
+                        [--calibration-merges 4] [--skip-searches]
 """
 
 from __future__ import annotations
@@ -38,10 +40,13 @@ from evomerge.search.worker import Job
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
+OPTIONS = {"config": CONFIG, "threads": 1}  # --config and --threads
+
+
 def _config(zoo: Path, **fitness) -> ExperimentConfig:
-    data = load_config(CONFIG).model_dump(mode="json", exclude_none=True)
+    data = load_config(OPTIONS["config"]).model_dump(mode="json", exclude_none=True)
     data["zoo"] = str(zoo.resolve())
-    data["threads_per_worker"] = 1  # one thread per worker: a loaded machine's spare threads only spin
+    data["threads_per_worker"] = OPTIONS["threads"]  # 1 by default: a loaded machine's spare threads only spin
     data["fitness"].update(fitness)
     return ExperimentConfig.model_validate(data)
 
@@ -76,7 +81,9 @@ def rank_agreement(zoo: Path, candidates: int, ks: list[int], merges: int) -> No
     scored = [results[len(models) + i].per_sample for i in range(candidates)]
     truth = [aggregate(cfg.fitness, {t: sum(s[t]) / len(s[t]) for t in tasks})[0] for s in scored]
     n = {t: len(scored[0][t]) for t in tasks}
-    print(f"\n| k per task | samples per candidate | estimator | Spearman (all {candidates}) | Spearman (best quarter) | mean abs error |")  # noqa: E501
+    print(
+        f"\n| k per task | samples per candidate | estimator | Spearman (all {candidates}) | Spearman (best quarter) | mean abs error |"
+    )  # noqa: E501
     print("| ---: | ---: | --- | ---: | ---: | ---: |")
     for k in ks:
         est = calibrate(calib, k, seed=0)
@@ -117,7 +124,9 @@ def searches(zoo: Path, seeds: list[int], ks: list[int], trials: int, merges: in
             full = s.get("best_fitness_full", s["best_fitness"])
             rows.append((seed, label, s["samples_scored"], full, s["best_test_fitness"], s["wall_seconds"]))
             print(json.dumps(dict(zip(("seed", "scoring", "samples", "search_full", "test", "seconds"), rows[-1]))))
-    print(f"\n| scoring | samples scored (mean of {len(seeds)} seeds) | fewer than full | pick's search fitness | pick's test fitness (mean) | per seed |")  # noqa: E501
+    print(
+        f"\n| scoring | samples scored (mean of {len(seeds)} seeds) | fewer than full | pick's search fitness | pick's test fitness (mean) | per seed |"
+    )  # noqa: E501
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     base = statistics.fmean(r[2] for r in rows if r[1] == "full") if "full" in scorings else float("nan")
     for label, *_ in settings:
@@ -142,6 +151,8 @@ def _random_anchors(cfg: ExperimentConfig, run: Path, k: int, seed: int) -> None
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", type=Path, required=True)
+    ap.add_argument("--config", type=Path, default=CONFIG, help="the experiment (default: configs/demo.yaml)")
+    ap.add_argument("--threads", type=int, default=1, help="threads per worker")
     ap.add_argument("--candidates", type=int, default=200)
     ap.add_argument("--anchors", default="10,20,50")
     ap.add_argument("--seeds", default="0,1,2")
@@ -151,6 +162,7 @@ def main() -> None:
     ap.add_argument("--skip-agreement", action="store_true")
     ap.add_argument("--scorings", default="full,irt,random", help="which searches: full, irt, random")
     args = ap.parse_args()
+    OPTIONS.update(config=args.config, threads=args.threads)
     ks = [int(k) for k in args.anchors.split(",")]
     if not args.skip_agreement:
         rank_agreement(args.zoo, args.candidates, ks, args.calibration_merges)
