@@ -82,8 +82,9 @@ def rank_agreement(zoo: Path, candidates: int, ks: list[int], merges: int) -> No
     truth = [aggregate(cfg.fitness, {t: sum(s[t]) / len(s[t]) for t in tasks})[0] for s in scored]
     n = {t: len(scored[0][t]) for t in tasks}
     print(
-        f"\n| k per task | samples per candidate | estimator | Spearman (all {candidates}) | Spearman (best quarter) | mean abs error |"
-    )  # noqa: E501
+        "\n| k per task | samples per candidate | estimator "
+        f"| Spearman (all {candidates}) | Spearman (best quarter) | mean abs error |"
+    )
     print("| ---: | ---: | --- | ---: | ---: | ---: |")
     for k in ks:
         est = calibrate(calib, k, seed=0)
@@ -125,8 +126,9 @@ def searches(zoo: Path, seeds: list[int], ks: list[int], trials: int, merges: in
             rows.append((seed, label, s["samples_scored"], full, s["best_test_fitness"], s["wall_seconds"]))
             print(json.dumps(dict(zip(("seed", "scoring", "samples", "search_full", "test", "seconds"), rows[-1]))))
     print(
-        f"\n| scoring | samples scored (mean of {len(seeds)} seeds) | fewer than full | pick's search fitness | pick's test fitness (mean) | per seed |"
-    )  # noqa: E501
+        f"\n| scoring | samples scored (mean of {len(seeds)} seeds) | fewer than full "
+        "| pick's search fitness | pick's test fitness (mean) | per seed |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     base = statistics.fmean(r[2] for r in rows if r[1] == "full") if "full" in scorings else float("nan")
     for label, *_ in settings:
