@@ -25,7 +25,6 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
-@dataclass
 class MoESources:
     """The opened models of a mixture: the base and each expert's source (in order)."""
 
@@ -47,7 +46,6 @@ class MoESources:
         if "lm_head.weight" in self.base.tensors:
             names.append("lm_head.weight")
         return names
-
 
 
 def router_dtype(src: MoESources, dtype: torch.dtype | None) -> torch.dtype:
