@@ -39,10 +39,12 @@ $(MERGEKIT):
 	$(MERGEKIT_VENV)/bin/uv pip install -q --python $(MERGEKIT_VENV)/bin/python mergekit==0.1.5
 	test -x $(MERGEKIT)
 
+# PYTHONFAULTHANDLER: a process of the suite that crashes (tests or their subprocesses,
+# during a test or at exit) prints every thread's Python stack
 test: $(STAMP) $(MERGEKIT)
 	$(VENV)/bin/ruff check evomerge tests bench
 	$(VENV)/bin/mypy evomerge
-	RAY_AUTH_MODE=disabled MERGEKIT_YAML=$(MERGEKIT) EVOMERGE_REQUIRE_MERGEKIT=1 \
+	RAY_AUTH_MODE=disabled MERGEKIT_YAML=$(MERGEKIT) EVOMERGE_REQUIRE_MERGEKIT=1 PYTHONFAULTHANDLER=1 \
 		$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 bench: $(STAMP)

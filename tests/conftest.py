@@ -99,6 +99,9 @@ def _lowest_priority() -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # a test left its driver connected: leave now, not at exit
+        ray.shutdown()
     build = config.stash.get(DEMO_ZOO_BUILD, None)
     if build is not None:
         proc, work = build
