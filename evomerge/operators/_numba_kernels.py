@@ -72,6 +72,18 @@ def _store_impl(a, i, v):
     return plain
 
 
+def _nonfinite(a, i):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_nonfinite, inline="always")
+def _nonfinite_impl(a, i):
+    """a[i] is NaN or Inf: its exponent bits all set (bfloat16 as its uint16 bits)."""
+    if a.dtype == types.uint16:
+        return lambda a, i: (np.uint32(a[i]) & np.uint32(0x7F80)) == np.uint32(0x7F80)
+    return lambda a, i: (_bits_from_float(a[i]) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+
+
 def _delta(x, base, i):  # pragma: no cover - replaced by the overload below
     raise NotImplementedError
 
@@ -376,8 +388,10 @@ def mask(x, key, drop, out, nblocks):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def merge(tensors, base, weight, keys, drops, bounds, consensus, normalize, scale, lam, out, nblocks):
+def merge(tensors, base, weight, keys, drops, bounds, consensus, normalize, scale, lam, out, bad, nblocks):
     """theta_b + lam * merge_i(trim(tau_i) * w_i): see ``kernels.task_arithmetic``.
+    ``bad[b]`` is set when block b stored a NaN or Inf (after the cast to ``out``'s dtype):
+    the finite check rides on the store, while the slice is in cache.
 
     Each block runs in slices of SLICE elements, model by model (one tuple lookup per
     model and slice, the base widened once per slice; branch-free loops the compiler
@@ -448,6 +462,11 @@ def merge(tensors, base, weight, keys, drops, bounds, consensus, normalize, scal
             ov = out[s : s + w]
             for q in range(w):
                 _store(ov, q, part[q] + bb[q])
+            nonfinite = False
+            for q in range(w):
+                nonfinite |= _nonfinite(ov, q)
+            if nonfinite:
+                bad[b] = True
 
 
 @njit(cache=True, nogil=True)

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ from torch import Tensor
 from evomerge.errors import EvomergeError, MergeError
 from evomerge.operators import kernels
 from evomerge.operators.checkpoint import Checkpoint, open_checkpoint
+from evomerge.operators.finite import NonFiniteResult, all_finite, checked
 from evomerge.operators.outputs import write_model_files
 from evomerge.operators.plan import MergePlan, PlannedTensor, Ref, build_plan
 from evomerge.operators.recipe import Recipe
@@ -47,16 +49,6 @@ def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed from the merge seed and the tensor name (order- and device-independent)."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def all_finite(t: Tensor) -> bool:
-    """True when ``t`` holds no NaN or Inf: its minimum and maximum are finite (both
-    propagate NaN). One reduction in the stored dtype: a float32 sum of a bfloat16
-    tensor (the previous check) took 12 times as long."""
-    if t.numel() == 0:
-        return True
-    low, high = torch.aminmax(t)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def load_inputs(
@@ -96,29 +88,45 @@ def checks_inputs_on_read(pt: PlannedTensor, plan: MergePlan) -> bool:
     return not plan.operator.nonfinite_propagates or pt.vocab_rows is not None
 
 
-def merge_planned(pt: PlannedTensor, plan: MergePlan, inputs, device: torch.device, seed: int) -> Tensor:
-    """Merge one planned tensor from its loaded inputs; the result is checked finite."""
+def merge_planned(
+    pt: PlannedTensor, plan: MergePlan, inputs, device: torch.device, seed: int, into: Tensor | None = None
+) -> Tensor:
+    """Merge one planned tensor from its loaded inputs; the result is checked finite.
+
+    With ``into`` (a tensor of the planned shape and dtype that overlaps no input) the
+    result is written there and ``into`` returned: by the operator itself when it
+    ``writes_out`` and ``into`` is contiguous, else copied. After a failure ``into``
+    may hold part of a result."""
     tensors, base = inputs
-    extra = {}
-    if plan.operator.mixed_precision:  # widens its inputs itself, may return pt.dtype directly
+    extra: dict[str, Any] = {}
+    op = plan.operator
+    if op.mixed_precision:  # widens its inputs itself, may return pt.dtype directly
         extra["out_dtype"] = pt.dtype
+        if into is not None and op.writes_out and into.dtype == pt.dtype and into.is_contiguous():
+            extra["out"] = into.view(pt.shape)
     else:
         tensors = [t.to(torch.float32) for t in tensors]
         base = base.to(torch.float32) if base is not None else None
     gen = None
-    if plan.operator.random:
+    if op.random:
         gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, pt.name))
     try:
-        out = plan.operator.fn(tensors, base, gen, **pt.params, **extra)
-    except MergeError as err:
-        raise MergeError(f"tensor '{pt.name}': {err}") from None
-    out = out.to(pt.dtype)  # checked after the cast: a value beyond the dtype's range is Inf there
-    if not all_finite(out):
+        out = op.fn(tensors, base, gen, **pt.params, **extra)
+        stored = out.to(pt.dtype)  # checked after the cast: a value beyond the dtype's range is Inf there
+        if not (op.checks_finite and stored is out):  # else the operator checked it
+            checked(stored)
+    except NonFiniteResult:
         for t, ref in zip([*inputs[0], inputs[1]], [*pt.sources, pt.base]):
             if t is not None and ref is not None:
                 _check_input(t, ref)  # a bad input is named, not the result
-        raise MergeError(f"tensor '{pt.name}': the merge produced NaN or Inf")
-    return out
+        raise MergeError(f"tensor '{pt.name}': the merge produced NaN or Inf") from None
+    except MergeError as err:
+        raise MergeError(f"tensor '{pt.name}': {err}") from None
+    if into is None:
+        return stored
+    if stored.data_ptr() != into.data_ptr():  # not written in place
+        into.copy_(stored.view(into.shape))
+    return into
 
 
 def resolve_model_path(name: str, recipe_dir: Path | None = None) -> Path:

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from evomerge.operators.finite import NonFiniteResult
+
 MIN_NUMEL = 1 << 14  # below this the torch path is as fast (no parallel launch)
 MAX_MODELS = 32
 _DTYPES = (torch.bfloat16, torch.float32)
@@ -217,6 +219,7 @@ def task_arithmetic(
     normalize: bool,
     lam: float,
     out_dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """theta_b + lambda * merge_i(trim(tau_i, density_i) * w_i), in float32.
 
@@ -225,7 +228,9 @@ def task_arithmetic(
     the agreeing entries when ``normalize``). ``density`` None keeps everything.
     The caller checks that the weights do not sum to ~0 when normalising. The result
     is bfloat16 when ``out_dtype`` asks for it (rounded to nearest even, as torch's
-    cast), float32 otherwise."""
+    cast), float32 otherwise; it is written into ``out`` when given (contiguous, on the
+    CPU, of that dtype: see :func:`writes_into`). Raises ``NonFiniteResult`` when the
+    result holds a NaN or Inf (seen as it is stored)."""
     n = base.numel()
     keys, drops = [], []
     for i, t in enumerate(tensors):
@@ -233,7 +238,13 @@ def task_arithmetic(
         key, drop = KEEP_ALL if d >= 1.0 else magnitude_threshold(t, base, max(1, int(d * n)))
         keys.append(key)
         drops.append(drop)
-    out = torch.empty(base.shape, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+    dtype = result_dtype(out_dtype)
+    if out is None:
+        out = torch.empty(base.shape, dtype=dtype)
+    elif not writes_into(out, dtype, base.numel()):
+        raise ValueError(f"out: expected a contiguous CPU {dtype} tensor of {base.numel()} elements")
+    nblocks = _blocks(n)
+    bad = np.zeros(nblocks, dtype=np.bool_)
     scale = math.fsum(weight) if normalize and not consensus else 1.0
     _kernels().merge(
         tuple(_array(t) for t in tensors),
@@ -247,9 +258,22 @@ def task_arithmetic(
         np.float32(scale),
         np.float32(lam),
         _array(out),
-        _blocks(n),
+        bad,
+        nblocks,
     )
+    if bad.any():
+        raise NonFiniteResult()
     return out
+
+
+def result_dtype(out_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype :func:`task_arithmetic` stores for ``out_dtype``: bfloat16, else float32."""
+    return torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
+
+
+def writes_into(out: Tensor, dtype: torch.dtype, numel: int) -> bool:
+    """Whether :func:`task_arithmetic` can store a ``dtype`` result of ``numel`` elements into ``out``."""
+    return out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous() and out.numel() == numel
 
 
 @cache

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from evomerge.errors import MergeError
 from evomerge.operators import kernels, sparsify
+from evomerge.operators.finite import checked
 from evomerge.operators.registry import Operator, Param, add, register
 
 WEIGHT = Param("weight", 1.0, per_model=True, search=(0.0, 1.0), doc="mixing weight w_i")
@@ -46,10 +47,14 @@ def _weight_sum(weight: Sequence[float]) -> float:
     mixed_precision=True,
     nonfinite_propagates=True,  # w * NaN, w * Inf (Inf * 0 = NaN) and their sums stay non-finite
     elementwise=True,
+    writes_out=True,
 )
-def linear(tensors: list[Tensor], base: Tensor | None, gen, *, weight, normalize=True, out_dtype=None) -> Tensor:
+def linear(
+    tensors: list[Tensor], base: Tensor | None, gen, *, weight, normalize=True, out_dtype=None, out=None
+) -> Tensor:
     """Weighted average: sum_i w_i theta_i, divided by sum_i w_i when ``normalize``;
-    computed in float32 (or wider), returned in ``out_dtype`` when given.
+    computed in float32 (or wider), returned in ``out_dtype`` when given (in ``out``
+    when given).
 
     On the CPU it runs slice by slice (LINEAR_CHUNK elements): each input slice is
     widened into a cached float32 buffer and added there, about twice as fast as
@@ -57,7 +62,8 @@ def linear(tensors: list[Tensor], base: Tensor | None, gen, *, weight, normalize
     slice is cast into the output at once."""
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
     total = _weight_sum(weight) if normalize else 1.0
-    out = torch.empty(tensors[0].shape, dtype=out_dtype or dtype, device=tensors[0].device)
+    if out is None:
+        out = torch.empty(tensors[0].shape, dtype=out_dtype or dtype, device=tensors[0].device)
     flat = out.view(-1)
     flats = [t.reshape(-1) for t in tensors]
     step = LINEAR_CHUNK if out.device.type == "cpu" else max(1, flat.numel())
@@ -231,7 +237,14 @@ def _minus(t: Tensor, base: Tensor) -> Tensor:
 
 
 def _task_arithmetic_family(
-    tensors: list[Tensor], base: Tensor, gen, p: dict, sparsifier: Sparsifier, consensus: bool, out_dtype=None
+    tensors: list[Tensor],
+    base: Tensor,
+    gen,
+    p: dict,
+    sparsifier: Sparsifier,
+    consensus: bool,
+    out_dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Generalised task arithmetic: theta_b + lambda * merge_i(sparsify(tau_i) * w_i).
 
@@ -239,13 +252,16 @@ def _task_arithmetic_family(
     2024): random drop and rescale. Without consensus it is task arithmetic (Ilharco et
     al. 2023). On the CPU, trim-and-sum and TIES run as fused kernels (the same
     bits); otherwise task vectors are made one at a time, in place, to bound memory.
+    The result is in ``out_dtype`` (in ``out`` when given) and checked finite.
     """
     weight = p["weight"]
     if p["normalize"]:
         total_weight = _weight_sum(weight)
     if sparsifier in (_sparsify_none, _sparsify_magnitude) and kernels.supports(tensors, base):
         density = p["density"] if sparsifier is _sparsify_magnitude else None
-        return kernels.task_arithmetic(
+        stores = out is not None and kernels.writes_into(out, kernels.result_dtype(out_dtype), base.numel())
+        into = out if stores else None
+        merged = kernels.task_arithmetic(
             tensors,
             base,
             weight,
@@ -254,7 +270,11 @@ def _task_arithmetic_family(
             normalize=p["normalize"],
             lam=p["lambda"],
             out_dtype=out_dtype,
-        )
+            out=into,
+        )  # checked finite as it was stored
+        if merged is into or (out is None and out_dtype in (None, merged.dtype)):
+            return merged
+        return _stored(merged, out_dtype, out)
     base = base.to(torch.float32)
     weighted: list[Tensor] = []
     total = torch.zeros_like(base, memory_format=torch.contiguous_format)
@@ -271,7 +291,14 @@ def _task_arithmetic_family(
             merged.div_(total_weight)
     if p["lambda"] != 1.0:
         merged.mul_(p["lambda"])
-    return merged.add_(base)
+    return _stored(merged.add_(base), out_dtype, out)
+
+
+def _stored(result: Tensor, out_dtype: torch.dtype | None, out: Tensor | None) -> Tensor:
+    """``result`` in ``out_dtype`` (copied into ``out`` when given), checked finite there."""
+    if out is not None:
+        return checked(out.copy_(result.view(out.shape)))
+    return checked(result if out_dtype is None else result.to(out_dtype))
 
 
 CONSENSUS_CHUNK = 1 << 18  # elements per slice of the election: its temporaries stay in cache
@@ -313,10 +340,10 @@ def _register_family(
     if sparsifier not in (_sparsify_none, _sparsify_magnitude):
         params = (*params, Param("rescale", rescale, kind=bool, doc="keep the L1 norm of tau_i"))
 
-    def fn(tensors: list[Tensor], base: Tensor | None, gen, out_dtype=None, **p) -> Tensor:
+    def fn(tensors: list[Tensor], base: Tensor | None, gen, out_dtype=None, out=None, **p) -> Tensor:
         assert base is not None
         p.setdefault("rescale", False)
-        return _task_arithmetic_family(tensors, base, gen, p, sparsifier, consensus, out_dtype)
+        return _task_arithmetic_family(tensors, base, gen, p, sparsifier, consensus, out_dtype, out)
 
     doc = f"{name}: {_task_arithmetic_family.__doc__}"
     random = sparsifier in _RANDOM
@@ -328,6 +355,7 @@ def _register_family(
             name, fn, params, "required", 1, None, random, doc,
             mixed_precision=True, cpu_kernels=kern, nonfinite_propagates=True,
             elementwise=sparsifier is _sparsify_none and not consensus,  # task arithmetic
+            writes_out=True, checks_finite=True,
         )
     )  # fmt: skip
 

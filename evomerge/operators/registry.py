@@ -111,6 +111,15 @@ class Operator:
     # merges, bit for bit (a contract test checks it), so a caller may merge a run of
     # tensors that share parameters as one.
     elementwise: bool = False
+    # True when ``fn`` (mixed precision) also takes an ``out`` keyword: a contiguous tensor
+    # of the result's shape in ``out_dtype``, overlapping no input, that the result is
+    # written into and that ``fn`` returns (the engine merges straight into a resident
+    # model's parameters; a contract test checks the bits and the storage).
+    writes_out: bool = False
+    # True when ``fn`` raises ``finite.NonFiniteResult`` whenever the result it returns
+    # holds a NaN or Inf (a fused kernel sees each value as it stores it): the engine then
+    # does not read the result again to check it (a contract test injects them).
+    checks_finite: bool = False
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -139,6 +148,8 @@ def register(
     cpu_kernels: bool = False,
     nonfinite_propagates: bool = False,
     elementwise: bool = False,
+    writes_out: bool = False,
+    checks_finite: bool = False,
 ) -> Callable[[OperatorFn], OperatorFn]:
     """Decorator: register ``fn`` under ``name`` with its declared parameters."""
 
@@ -148,6 +159,7 @@ def register(
             Operator(
                 name, fn, tuple(params), base, min_models, max_models, random, doc, mixed_precision,
                 cpu_kernels=cpu_kernels, nonfinite_propagates=nonfinite_propagates, elementwise=elementwise,
+                writes_out=writes_out, checks_finite=checks_finite,
             )
         )  # fmt: skip
         return fn
@@ -159,6 +171,8 @@ def add(op: Operator) -> Operator:
     """Register a ready-made :class:`Operator`; a name may be registered once."""
     if op.name in _REGISTRY:
         raise ValueError(f"merge operator '{op.name}' is registered twice")
+    if op.writes_out and not op.mixed_precision:
+        raise ValueError(f"merge operator '{op.name}': writes_out needs mixed_precision (out is in out_dtype)")
     _REGISTRY[op.name] = op
     return op
 

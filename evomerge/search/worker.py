@@ -529,24 +529,24 @@ def _adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _merge_run(plan, run: list[tuple[Any, Any, torch.Tensor]], seed: int) -> None:
-    """Merge a run of planned tensors into their targets: one merge over the run's span
-    when it holds several (the elementwise operator gives the same bits); a non-finite
-    result is merged again tensor by tensor, so that the error names the tensor."""
+    """Merge a run of planned tensors into their targets (an operator that writes its
+    output stores straight into them): one merge over the run's span when it holds
+    several (the elementwise operator gives the same bits); a non-finite result is merged
+    again tensor by tensor, so that the error names the tensor."""
     if len(run) > 1:
         pt, (tensors, base), target = run[0]
         total = sum(t.numel() for _, _, t in run)
         span = lambda t: t.as_strided((total,), (1,), t.storage_offset())  # noqa: E731
         whole = replace(pt, shape=(total,))
+        inputs = ([span(t) for t in tensors], span(base) if base is not None else None)
         try:
-            merged = merge_planned(whole, plan, ([span(t) for t in tensors], span(base) if base is not None else None),
-                                   target.device, seed)  # fmt: skip
+            merge_planned(whole, plan, inputs, target.device, seed, into=span(target))
         except EvomergeError:
             pass  # merged below one by one, to name the tensor
         else:
-            span(target).copy_(merged)
             return
     for pt, inputs, target in run:
-        target.copy_(merge_planned(pt, plan, inputs, target.device, seed))
+        merge_planned(pt, plan, inputs, target.device, seed, into=target)
 
 
 def _arrived(item: tuple[Any, Any, Any, int], main) -> tuple[Any, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evomerge.operators.finite import NonFiniteResult
 from evomerge.operators.registry import Operator, operators
 
 OPS = sorted(operators())
@@ -34,8 +35,11 @@ def _params(op: Operator, n: int, **over) -> dict:
 
 
 def _call(op: Operator, tensors, base, seed=0, **over):
+    """``op`` on the tensors with its defaults, ``over`` replacing them (the engine's
+    ``out_dtype`` and ``out`` keywords passed as they are)."""
     gen = torch.Generator().manual_seed(seed)
-    return op.fn(tensors, base, gen, **_params(op, len(tensors), **over))
+    engine = {k: over.pop(k) for k in ("out_dtype", "out") if k in over}
+    return op.fn(tensors, base, gen, **_params(op, len(tensors), **over), **engine)
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -121,8 +125,56 @@ def test_nonfinite_input_gives_nonfinite_result(name, bad, dtype):
                 b = base.clone() if base is not None else None
                 target = ts[i] if i < n else b
                 target.view(-1)[pos] = bad
-                out = _call(op, ts, b, **over)
-                assert not torch.isfinite(out.to(dtype)).all(), f"{over} input {i} at {pos} gave a finite result"
+                assert _nonfinite(op, ts, b, **over), f"{over} input {i} at {pos} gave a finite result"
+
+
+def _nonfinite(op: Operator, tensors, base, **over) -> bool:
+    """Whether the merge's result holds a NaN or Inf: an operator that ``checks_finite``
+    says so by raising, any other returns it."""
+    try:
+        out = _call(op, tensors, base, **over)
+    except NonFiniteResult:
+        assert op.checks_finite, f"{op.name} raised NonFiniteResult without declaring checks_finite"
+        return True
+    assert not op.checks_finite or torch.isfinite(out).all(), f"{op.name} returned a non-finite result"
+    return not torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", [n for n in OPS if operators()[n].checks_finite])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_operator_that_checks_its_result_raises_for_an_overflow(name, dtype):
+    """What ``checks_finite`` promises when every input is finite: a result that
+    overflows to Inf (in the stored dtype) raises, on the torch path and the kernels'."""
+    op = operators()[name]
+    n = _n_models(op)
+    for shape in [(6, 8), (160, 128)]:
+        tensors, base = _inputs(op, n, seed=4, shape=shape)
+        base = torch.zeros(shape, dtype=dtype) if base is not None else None
+        tensors = [t.to(dtype) for t in tensors]
+        for t in tensors:
+            t.view(-1)[5] = 3e38  # finite in both dtypes; their sum is not
+        over = {"weight": [1.0] * n, "normalize": False, "density": 1.0, "lambda": 1.0}
+        over = {k: v for k, v in over.items() if op.param(k) is not None}
+        with pytest.raises(NonFiniteResult):
+            _call(op, tensors, base, out_dtype=dtype, **over)
+
+
+@pytest.mark.parametrize("name", [n for n in OPS if operators()[n].writes_out])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_operator_that_writes_out_stores_its_result_there(name, dtype):
+    """What ``writes_out`` promises: the result, bit for bit, in the ``out`` tensor
+    given (which comes back), on the torch path and the kernels'."""
+    op = operators()[name]
+    n = _n_models(op)
+    for shape in [(6, 8), (160, 128)]:
+        tensors, base = _inputs(op, n, seed=6, shape=shape)
+        tensors = [t.to(dtype) for t in tensors]
+        base = base.to(dtype) if base is not None else None
+        want = _call(op, tensors, base, out_dtype=dtype)
+        out = torch.full(shape, float("nan"), dtype=dtype)
+        got = _call(op, tensors, base, out_dtype=dtype, out=out)
+        assert got.data_ptr() == out.data_ptr() and got.dtype == dtype
+        assert torch.equal(out, want.to(dtype))
 
 
 @pytest.mark.parametrize("name", [n for n in OPS if operators()[n].elementwise])
