@@ -10,8 +10,11 @@ can miss a spike shorter than the interval but never reports an earlier process'
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import threading
+import weakref
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -51,27 +54,32 @@ def _reset_high_water_mark() -> bool:
 
 class HostPeak:
     """The peak resident memory of this process from its construction on (bytes above
-    what it held then); ``None`` on a system without ``/proc``."""
+    what it held then); ``None`` on a system without ``/proc``.
+
+    A sampling thread stops at :meth:`close`, when the ``HostPeak`` is garbage collected
+    (a worker nobody stopped), and at interpreter exit, before Python's finalization
+    (a daemon thread still running Python code while the runtime tears down can crash
+    the process after its work is done)."""
 
     def __init__(self, interval: float = 0.002):
         self._exact = _reset_high_water_mark()
         self._start = _resident_bytes()
-        self._most = self._start or 0
+        self._most = [self._start or 0]  # shared with the sampling thread, which holds no reference to self
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         if not self._exact and self._start is not None:
-            self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True, name="host-peak")
+            self._thread = threading.Thread(
+                target=_sample, args=(self._stop, self._most, interval), daemon=True, name="host-peak"
+            )
             self._thread.start()
+            _SAMPLERS[self._thread] = self._stop
+            weakref.finalize(self, _stop_sampler, self._thread, self._stop)
+            _stop_all_at_exit()
 
     @property
     def exact(self) -> bool:
         """Whether the kernel's own high-water mark is used (else a sampled one)."""
         return self._exact
-
-    def _sample(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            now = _resident_bytes()
-            if now is not None and now > self._most:
-                self._most = now
 
     def bytes(self) -> int | None:
         """The peak so far above the start."""
@@ -81,8 +89,39 @@ class HostPeak:
             peak = _status_bytes("VmHWM")
             return None if peak is None else max(0, peak - self._start)
         now = _resident_bytes() or 0
-        return max(0, max(self._most, now) - self._start)
+        return max(0, max(self._most[0], now) - self._start)
 
     def close(self) -> None:
         """Stop the sampling thread (where there is one)."""
         self._stop.set()
+        if self._thread is not None:
+            _stop_sampler(self._thread, self._stop)
+
+
+def _sample(stop: threading.Event, most: list[int], interval: float) -> None:
+    while not stop.wait(interval):
+        now = _resident_bytes()
+        if now is not None and now > most[0]:
+            most[0] = now
+
+
+_SAMPLERS: dict[threading.Thread, threading.Event] = {}  # the sampling threads not yet stopped
+
+
+def _stop_sampler(thread: threading.Thread, stop: threading.Event) -> None:
+    stop.set()
+    _SAMPLERS.pop(thread, None)
+
+
+@functools.cache
+def _stop_all_at_exit() -> None:
+    """Stop and join every sampling thread at exit (registered once, with the first);
+    ``atexit`` runs before the interpreter finalizes, unlike daemon threads' end."""
+
+    def stop_all() -> None:
+        for stop in list(_SAMPLERS.values()):
+            stop.set()
+        for thread in list(_SAMPLERS):
+            thread.join(timeout=1.0)
+
+    atexit.register(stop_all)
