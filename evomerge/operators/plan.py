@@ -8,7 +8,6 @@ vocabulary clashes, parameter domains) runs here, before any weight is read.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import json
 import logging
@@ -375,7 +374,10 @@ def replan(plan: MergePlan, recipe: Recipe, ckpts: dict[str, Checkpoint]) -> Mer
         if params is None:
             ctx, layer = ctxs[pt.param_key[0]], pt.param_key[1]
             params = resolved[pt.param_key] = _params_for(ctx, recipe, op, pt.name, layer)
-        twin = copy.copy(pt)  # dataclasses.replace re-runs __init__: 14 us a tensor, measured
+        # a shallow copy by its __dict__: dataclasses.replace re-runs __init__ (14 us a
+        # tensor, measured), copy.copy goes through __reduce_ex__ (1.4 us; this 0.35 us)
+        twin = object.__new__(PlannedTensor)
+        twin.__dict__.update(pt.__dict__)
         twin.params = params
         tensors.append(twin)
     return replace(plan, recipe=recipe, tensors=tensors)
