@@ -23,6 +23,7 @@ and callers then use the torch path.
 
 from __future__ import annotations
 
+import atexit
 import math
 import sys
 import threading
@@ -54,8 +55,14 @@ def available() -> bool:
 def warm_in_background() -> None:
     """Import numba and start its machinery on a daemon thread (about 0.4 s, nearly all
     numba's own start-up), so that a merge's first kernel call need not wait for it
-    while the first tensors are read."""
-    threading.Thread(target=available, name="evomerge-kernels", daemon=True).start()
+    while the first tensors are read. A process that ends first waits for it at exit
+    (``atexit`` runs before the interpreter finalizes; a thread still loading LLVM then
+    could crash a process whose work is done)."""
+    if available.cache_info().currsize:  # warm already
+        return
+    thread = threading.Thread(target=available, name="evomerge-kernels", daemon=True)
+    thread.start()
+    atexit.register(thread.join)
 
 
 def supports(tensors: list[Tensor], base: Tensor | None) -> bool:

@@ -200,3 +200,22 @@ def test_the_kernels_start_without_scipy_and_leave_numba_whole():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True", "3.0"]
+
+
+WARM_THEN_EXIT = """
+import atexit, threading
+# registered first, so it runs last: after the kernels' own exit hook
+alive = lambda: sum(t.name == "evomerge-kernels" and t.is_alive() for t in threading.enumerate())
+atexit.register(lambda: print("alive at exit:", alive()))
+from evomerge.operators import kernels
+kernels.warm_in_background()
+print("warming:", alive())
+"""
+
+
+def test_a_process_that_ends_while_the_kernels_warm_waits_for_them():
+    """A merge that never needs a kernel can end while numba is still loading on the
+    warming thread: the process waits for it at exit, before Python finalizes."""
+    res = subprocess.run([sys.executable, "-c", WARM_THEN_EXIT], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["warming:", "1", "alive", "at", "exit:", "0"], res.stdout
