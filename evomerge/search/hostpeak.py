@@ -105,12 +105,15 @@ def _sample(stop: threading.Event, most: list[int], interval: float) -> None:
             most[0] = now
 
 
-_SAMPLERS: dict[threading.Thread, threading.Event] = {}  # the sampling threads not yet stopped
+_SAMPLERS: dict[threading.Thread, threading.Event] = {}  # the sampling threads not yet seen to end
 
 
 def _stop_sampler(thread: threading.Thread, stop: threading.Event) -> None:
+    """Tell ``thread`` to stop (it ends within one interval: it stays listed until then, for
+    the exit hook to join) and forget the threads that have ended."""
     stop.set()
-    _SAMPLERS.pop(thread, None)
+    for ended in [t for t in _SAMPLERS if not t.is_alive()]:
+        _SAMPLERS.pop(ended, None)  # a finalizer may run on another thread
 
 
 @functools.cache
